@@ -1,0 +1,44 @@
+# The two commands a new user needs: `make demo` and `make test`. Both install everything first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# nnU-Net's worker processes: keep them within a laptop / CI runner.
+export nnUNet_n_proc_DA ?= 2
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+# End to end on the project's own synthetic Decathlon task: synthesise, prepare (convert + nnU-Net planning and
+# preprocessing), then say where everything went.
+demo: install
+	@test -f data/synthetic/Task500_Synthetic/dataset.json || $(BIN)/mlops synth
+	$(BIN)/mlops prepare dataset=synthetic
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: install
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/bench_prepare.py
+
+clean:
+	rm -rf data/synthetic data/nnUNet_raw data/nnUNet_preprocessed data/nnUNet_results .pytest_cache .ruff_cache

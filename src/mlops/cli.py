@@ -1,0 +1,205 @@
+"""The `mlops` command line: a thin Typer edge over the library.
+
+Every command composes the Hydra configuration from its trailing ``key=value`` overrides. Library errors
+(:class:`~mlops.errors.MlopsError`) become one red line on stderr and exit code 1; configuration mistakes are usage
+errors (exit code 2). Results go to stdout, logs to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from loguru import logger
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from mlops import __version__
+from mlops.config import load_config
+from mlops.errors import ConfigError, MlopsError
+from mlops.logs import setup_logging
+
+app = typer.Typer(
+    name="mlops",
+    help="Medical Segmentation Decathlon -> nnU-Net v2: prepare, train, predict, serve, monitor.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+OVERRIDES_HELP = "Hydra overrides key=value, e.g. dataset.id=621 prepare.num_workers=4."
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"mlops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs, including nnU-Net's own output."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """Medical Segmentation Decathlon -> nnU-Net v2: prepare, train, predict, serve, monitor."""
+    setup_logging(verbose)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library errors into one clear line and an exit code; no tracebacks for expected failures."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            err.print(f"[bold red]Usage error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except MlopsError as exc:
+            err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]Interrupted.[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def split_args(args: list[str] | None, max_positional: int = 1) -> tuple[list[str], list[str]]:
+    """Separate positional arguments from trailing ``key=value`` overrides."""
+    positional = [a for a in args or [] if "=" not in a]
+    overrides = [a for a in args or [] if "=" in a]
+    if len(positional) > max_positional:
+        raise ConfigError(f"unexpected argument(s) {positional[max_positional:]}; overrides look like key=value")
+    return positional, overrides
+
+
+def compose(overrides: list[str], **extra: Any) -> DictConfig:
+    """Compose the config; CLI flags (``extra``) are applied as overrides after the user's own."""
+    flags = [f"{k}={_override_value(v)}" for k, v in extra.items() if v is not None]
+    return load_config([*overrides, *flags])
+
+
+def _override_value(value: Any) -> str:
+    """Quote strings and paths so spaces or Hydra grammar characters in them survive parsing."""
+    if isinstance(value, str | Path):
+        escaped = str(value).replace("\\", "\\\\").replace("'", "\\'")
+        return f"'{escaped}'"
+    return str(value)
+
+
+@app.command()
+@handle_errors
+def synth(
+    args: list[str] = typer.Argument(
+        None, metavar="[OUT] [OVERRIDES]...", help="Output task folder; " + OVERRIDES_HELP
+    ),
+    num_train: int = typer.Option(None, "--train", help="Training cases (default: synth.num_train)."),
+    num_test: int = typer.Option(None, "--test", help="Test cases (default: synth.num_test)."),
+    channels: int = typer.Option(None, "--channels", help="1 (3D task) or 2 (4D two-channel task)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed."),
+    shift: float = typer.Option(None, "--shift", help="Scale test intensities by 1+SHIFT (deliberate drift)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
+) -> None:
+    """Generate a small synthetic Decathlon task (hippocampus-like, two labels) for demos and tests."""
+    from mlops.synth import SynthSpec, generate_task
+
+    positional, overrides = split_args(args)
+    cfg = compose(
+        overrides,
+        **{
+            "synth.output": positional[0] if positional else None,
+            "synth.num_train": num_train,
+            "synth.num_test": num_test,
+            "synth.channels": channels,
+            "synth.seed": seed,
+            "synth.intensity_shift": shift,
+        },
+    )
+    s = cfg.synth
+    spec = SynthSpec(int(s.num_train), int(s.num_test), int(s.channels), int(s.seed), float(s.intensity_shift))
+    path = generate_task(Path(s.output), spec, overwrite=force)
+    out.print(f"Synthetic task written to [bold]{path}[/] (test labels in {path.name}_labelsTs beside it)")
+
+
+@app.command()
+@handle_errors
+def download(
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    url: str = typer.Option(None, "--url", help="Archive URL (default: dataset.url)."),
+    dest: Path = typer.Option(None, "--dest", help="Where to save it (default: dataset.source)."),
+) -> None:
+    """Download the Decathlon task archive, verify its SHA-256, and save it where `mlops prepare` looks."""
+    from mlops.download import download as fetch
+
+    _, overrides = split_args(args, max_positional=0)
+    cfg = compose(overrides, **{"dataset.url": url, "dataset.source": dest})
+    if not cfg.dataset.get("url"):
+        raise ConfigError("no URL configured for this dataset; pass --url or dataset.url=...")
+    path = fetch(
+        str(cfg.dataset.url),
+        Path(cfg.dataset.source),
+        cfg.dataset.get("sha256"),
+        timeout_s=float(cfg.download.timeout_s),
+        chunk_bytes=int(cfg.download.chunk_bytes),
+    )
+    out.print(f"Downloaded [bold]{path}[/]")
+
+
+@app.command()
+@handle_errors
+def prepare(
+    args: list[str] = typer.Argument(
+        None,
+        metavar="[SOURCE] [OVERRIDES]...",
+        help="Decathlon task folder or .tar (default: dataset.source); " + OVERRIDES_HELP,
+    ),
+    force: bool = typer.Option(False, "--force", help="Redo conversion and preprocessing even if up to date."),
+    workers: int = typer.Option(None, "--workers", "-j", help="Worker processes (default: prepare.num_workers)."),
+) -> None:
+    """Convert a Decathlon task to nnU-Net's raw layout, then run nnU-Net's fingerprinting, planning, preprocessing."""
+    from mlops.prepare import prepare as run_prepare
+
+    positional, overrides = split_args(args)
+    cfg = compose(
+        overrides,
+        **{
+            "dataset.source": positional[0] if positional else None,
+            "prepare.force": True if force else None,
+            "prepare.num_workers": workers,
+        },
+    )
+    result = run_prepare(cfg)
+    table = Table(title=f"{result.dataset}", show_header=False, title_justify="left")
+    table.add_row("raw dataset", str(result.raw_dir))
+    table.add_row("cases", f"{result.num_training} training, {result.num_test} test")
+    table.add_row(
+        "conversion",
+        f"{result.conversion_s:.1f} s" if result.converted else f"up to date ({result.conversion_s:.2f} s)",
+    )
+    table.add_row("plans", str(result.plans_file))
+    table.add_row(
+        "preprocessing",
+        f"{', '.join(result.preprocessed)} in {result.preprocessing_s:.1f} s" if result.preprocessed else "up to date",
+    )
+    table.add_row("preprocessed", str(result.preprocessed_dir))
+    out.print(table)
+    if not result.converted and not result.preprocessed:
+        out.print(f"{result.dataset} is up to date; use --force to redo it.")
+    logger.debug(f"prepare finished: {result}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

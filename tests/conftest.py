@@ -1,0 +1,103 @@
+"""Shared fixtures: isolated nnU-Net folders, synthetic tasks, the real shared data, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlops.synth import SynthSpec, generate_task
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+HIPPOCAMPUS = SHARED / "Task04_Hippocampus"
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+@dataclass
+class Workspace:
+    """A data root with nnU-Net's three folders, as `mlops` lays them out under ``MLOPS_DATA_DIR``."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "nnUNet_raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "nnUNet_preprocessed"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "nnUNet_results"
+
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess `mlops` using this workspace."""
+        env = {k: v for k, v in os.environ.items() if k not in NNUNET_VARS}
+        env["MLOPS_DATA_DIR"] = str(self.root)
+        return env
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
+    """An empty data root; nnU-Net's own variables are cleared so the config's defaults under it apply."""
+    for var in NNUNET_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLOPS_DATA_DIR", str(tmp_path / "data"))
+    return Workspace(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def synth_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pristine 3D synthetic Decathlon task (8 training, 2 test cases). Copy it before modifying it."""
+    return generate_task(tmp_path_factory.mktemp("synth") / "Task500_Synthetic", SynthSpec(num_train=8, num_test=2))
+
+
+@pytest.fixture(scope="session")
+def synth_task_4d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-channel (4D) synthetic Decathlon task, like BrainTumour or Prostate."""
+    spec = SynthSpec(num_train=4, num_test=1, channels=2, seed=3)
+    return generate_task(tmp_path_factory.mktemp("synth4d") / "Task501_TwoChannel", spec)
+
+
+@pytest.fixture
+def task_copy(synth_task: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic task that a test may break."""
+    dst = tmp_path / "src" / synth_task.name
+    shutil.copytree(synth_task, dst)
+    return dst
+
+
+@pytest.fixture
+def cli() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def hippocampus() -> Path:
+    if not (HIPPOCAMPUS / "dataset.json").is_file():
+        pytest.skip(f"real data absent: {HIPPOCAMPUS} (see ../shared/data/README.md)")
+    return HIPPOCAMPUS
+
+
+def run_mlops(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `mlops` console script as a user would (a real process, real exit code)."""
+    exe = Path(sys.executable).parent / "mlops"
+    return subprocess.run([str(exe), *args], env=env, cwd=cwd, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def prepared_synth(tmp_path_factory: pytest.TempPathFactory, synth_task: Path) -> Iterator[Workspace]:
+    """The synthetic task prepared once for the session by the real `mlops prepare` (nnU-Net planning included)."""
+    ws = Workspace(tmp_path_factory.mktemp("prepared") / "data")
+    proc = run_mlops("prepare", str(synth_task), env=ws.env())
+    assert proc.returncode == 0, proc.stderr
+    yield ws
