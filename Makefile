@@ -18,10 +18,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@touch $(STAMP)
 
 # End to end on the project's own synthetic Decathlon task: synthesise, prepare (convert + nnU-Net planning and
-# preprocessing), then say where everything went.
+# preprocessing), train briefly on CPU (about a minute) and print the validation Dice.
 demo: install
 	@test -f data/synthetic/Task500_Synthetic/dataset.json || $(BIN)/mlops synth
 	$(BIN)/mlops prepare dataset=synthetic
+	$(BIN)/mlops train --fold 0 dataset=synthetic train=quick train.device=cpu
+	$(BIN)/mlops evaluate --fold 0 dataset=synthetic train=quick
 
 test: install
 	$(BIN)/python -m pytest

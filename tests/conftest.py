@@ -45,6 +45,14 @@ class Workspace:
         env["MLOPS_DATA_DIR"] = str(self.root)
         return env
 
+    def nnunet_env(self) -> dict[str, str]:
+        """Environment for nnU-Net's own tools on this workspace."""
+        env = self.env()
+        env.update(
+            nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed), nnUNet_results=str(self.results)
+        )
+        return env
+
 
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
@@ -101,3 +109,37 @@ def prepared_synth(tmp_path_factory: pytest.TempPathFactory, synth_task: Path) -
     proc = run_mlops("prepare", str(synth_task), env=ws.env())
     assert proc.returncode == 0, proc.stderr
     yield ws
+
+
+# A short CPU schedule through nnU-Net's real trainer: enough to learn the synthetic structures measurably.
+QUICK_TRAIN = [
+    "dataset.id=500",
+    "train=quick",
+    "train.epochs=4",
+    "train.iterations_per_epoch=10",
+    "train.val_iterations_per_epoch=3",
+    "train.device=cpu",
+]
+
+
+@dataclass
+class TrainedModel:
+    workspace: Workspace
+    stdout: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.workspace.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+
+    @property
+    def fold_dir(self) -> Path:
+        return self.model_dir / "fold_0"
+
+
+@pytest.fixture(scope="session")
+def trained_synth(prepared_synth: Workspace, tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    """Fold 0 of the synthetic task trained once for the session by the real `mlops train` on CPU."""
+    reports = tmp_path_factory.mktemp("reports")
+    proc = run_mlops("train", "--fold", "0", *QUICK_TRAIN, f"paths.reports={reports}", env=prepared_synth.env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return TrainedModel(prepared_synth, proc.stdout)

@@ -22,6 +22,7 @@ from mlops import __version__
 from mlops.config import load_config
 from mlops.errors import ConfigError, MlopsError
 from mlops.logs import setup_logging
+from mlops.nnunet import TrainingInterrupted
 
 app = typer.Typer(
     name="mlops",
@@ -59,6 +60,9 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except TrainingInterrupted as exc:
+            err.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         except ConfigError as exc:
             err.print(f"[bold red]Usage error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -178,6 +182,8 @@ def prepare(
     )
     result = run_prepare(cfg)
     table = Table(title=f"{result.dataset}", show_header=False, title_justify="left")
+    table.add_column(overflow="fold")
+    table.add_column(overflow="fold")
     table.add_row("raw dataset", str(result.raw_dir))
     table.add_row("cases", f"{result.num_training} training, {result.num_test} test")
     table.add_row(
@@ -194,6 +200,91 @@ def prepare(
     if not result.converted and not result.preprocessed:
         out.print(f"{result.dataset} is up to date; use --force to redo it.")
     logger.debug(f"prepare finished: {result}")
+
+
+@app.command()
+@handle_errors
+def train(
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    fold: str = typer.Option(None, "--fold", "-f", help="Fold 0-4 or 'all' (default: train.fold)."),
+    configuration: str = typer.Option(None, "--configuration", "-c", help="2d, 3d_fullres, ... (train.configuration)."),
+    device: str = typer.Option(None, "--device", "-d", help="auto, cuda, cpu or mps (default: train.device)."),
+    gpus: int = typer.Option(None, "--gpus", help="Number of GPUs; >1 runs nnU-Net's DDP training."),
+    resume: bool = typer.Option(False, "--continue", help="Resume from the fold's latest nnU-Net checkpoint."),
+) -> None:
+    """Train nnU-Net on the prepared dataset (real schedule by default; `train=quick` for a seconds-long CPU run)."""
+    from mlops.train import train as run_train
+
+    _, overrides = split_args(args, max_positional=0)
+    cfg = compose(
+        overrides,
+        **{"train.fold": fold, "train.configuration": configuration, "train.device": device, "train.gpus": gpus},
+    )
+    result = run_train(cfg, continue_training=resume)
+    table = Table(title=f"{result.dataset} fold {cfg.train.fold}", show_header=False, title_justify="left")
+    table.add_column(overflow="fold")
+    table.add_column(overflow="fold")
+    table.add_row("epochs", f"{result.epochs_completed} (resumed at {result.resumed_from_epoch})")
+    table.add_row("iterations run", str(result.iterations_run))
+    table.add_row("checkpoint", str(result.checkpoint))
+    if result.validation is not None:
+        for name, value in result.validation.mean.items():
+            table.add_row(f"Dice {name}", "n/a" if value is None else f"{value:.4f}")
+        table.add_row("report", str(result.report_file))
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    fold: str = typer.Option(None, "--fold", "-f", help="Score this fold's nnU-Net validation (default: train.fold)."),
+    pred: Path = typer.Option(None, "--pred", help="Folder of predicted segmentations (with --ref)."),
+    ref: Path = typer.Option(None, "--ref", help="Folder of reference labels with the same file names."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Per-label Dice (mean and per case) of a fold's validation, or of a prediction folder against references."""
+    from mlops import evaluate as ev
+    from mlops.train import export_paths, parse_fold, prepared_dataset, write_report
+
+    _, overrides = split_args(args, max_positional=0)
+    cfg = compose(overrides, **{"train.fold": fold})
+    if (pred is None) != (ref is None):
+        raise ConfigError("--pred and --ref go together")
+    export_paths(cfg)
+    if pred is not None:
+        labels = None
+        try:
+            _, pre_dir = prepared_dataset(cfg)
+            labels = ev.labels_from_dataset_json(pre_dir / "dataset.json")
+        except MlopsError:
+            logger.debug("no prepared dataset for label names; using label values")
+        report = ev.score_folders(pred, ref, labels)
+        stem = f"evaluate_{pred.name}_vs_{ref.name}"
+    else:
+        from mlops import nnunet
+
+        f = parse_fold(cfg.train.fold)
+        identity, pre_dir = prepared_dataset(cfg)
+        folder = nnunet.model_folder(identity.id, str(cfg.train.configuration), str(cfg.prepare.plans_identifier))
+        summary = folder / f"fold_{f}" / "validation" / "summary.json"
+        report = ev.from_nnunet_summary(summary, ev.labels_from_dataset_json(pre_dir / "dataset.json"))
+        stem = f"validation_{identity.folder}_{cfg.train.configuration}_fold{f}"
+    path = write_report(cfg, report, stem)
+    if as_json:
+        out.print_json(report.to_json())
+        return
+    table = Table(title=f"Dice ({report.num_cases} cases)", title_justify="left")
+    table.add_column("case")
+    names = list(report.mean)
+    for n in names:
+        table.add_column(n, justify="right")
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    for row in report.per_case:
+        table.add_row(row["case"], *(fmt(row["dice"][n]) for n in names))
+    table.add_row("[bold]mean[/]", *(f"[bold]{fmt(report.mean[n])}[/]" for n in names), end_section=True)
+    out.print(table)
+    out.print(f"Foreground mean Dice {fmt(report.foreground_mean)}; report written to {path}")
 
 
 def main() -> None:

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from loguru import logger
+from rich.text import Text
+
+from mlops.progress import stderr_console
 
 _FORMAT = "<green>{time:HH:mm:ss}</green> | <level>{level: <7}</level> | {message}"
+
+
+def _to_console(message: str) -> None:
+    # Through rich's console, so log lines print above live progress bars instead of tearing them.
+    stderr_console.print(Text.from_ansi(message.rstrip("\n")), soft_wrap=True, highlight=False)
 
 
 def setup_logging(verbose: bool = False) -> None:
     """Route logs to stderr: INFO by default, DEBUG with --verbose. Stdout stays free for results (tables, JSON)."""
     logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if verbose else "INFO", format=_FORMAT, colorize=None)
+    logger.add(_to_console, level="DEBUG" if verbose else "INFO", format=_FORMAT, colorize=True)
 
 
 def add_file_sink(path: Path) -> int:

@@ -15,12 +15,18 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from mlops.errors import PipelineError
+
+if TYPE_CHECKING:  # heavy imports stay lazy: `mlops --help` must not pay for torch
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 PATH_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -115,3 +121,293 @@ def plan_and_preprocess(
     except Exception as exc:
         raise PipelineError(f"nnU-Net planning/preprocessing of dataset {dataset_id} failed: {exc}") from exc
     return Path(os.environ["nnUNet_preprocessed"]) / dataset_name / f"{plans_identifier}.json"
+
+
+# ------------------------------------------------------------------------------------------------------ training
+TRAINER_NAME = "nnUNetTrainer"  # checkpoints name this class; nnU-Net finds it without walking the variants
+
+
+@dataclass
+class TrainSettings:
+    """What nnU-Net's trainer needs, plus the schedule we set on it (instance attributes, not a subclass)."""
+
+    dataset_id: int
+    configuration: str
+    fold: int | str
+    plans_identifier: str = "nnUNetPlans"
+    epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations_per_epoch: int = 50
+    initial_lr: float = 1e-2
+    save_every: int = 50
+    seed: int | None = None
+    continue_training: bool = False
+    validate: bool = True
+    save_probabilities: bool = False
+
+
+@dataclass
+class EpochMetrics:
+    """One epoch as nnU-Net's logger recorded it."""
+
+    epoch: int  # 0-based
+    num_epochs: int
+    train_loss: float
+    val_loss: float
+    pseudo_dice: list[float]
+    mean_fg_dice: float
+    ema_fg_dice: float
+    lr: float
+    epoch_time_s: float
+
+
+@dataclass
+class TrainOutcome:
+    output_folder: Path
+    checkpoint: Path
+    epochs_completed: int
+    iterations_run: int
+    resumed_from_epoch: int
+    validation_summary: Path | None
+
+
+class TrainingInterrupted(PipelineError):
+    """Ctrl-C: a checkpoint was written; the message says how to resume."""
+
+
+EpochCallback = Callable[[EpochMetrics], None]
+StepCallback = Callable[[], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error, not a silent fallback."""
+    import torch
+
+    name = name.lower()
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise PipelineError(
+            f"--device cuda: PyTorch sees no CUDA GPU (torch {torch.__version__}, {build}); use --device cpu or auto"
+        )
+    if name == "mps" and not mps:
+        raise PipelineError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+    if name not in ("cuda", "mps", "cpu"):
+        raise PipelineError(f"unknown device {name!r}; choose auto, cuda, cpu or mps")
+    return torch.device(name)
+
+
+def model_folder(dataset_id: int, configuration: str, plans_identifier: str = "nnUNetPlans") -> Path:
+    """nnU-Net's results folder for a trained configuration (the ``--model`` folder of predict)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+
+    name = convert_id_to_dataset_name(dataset_id)
+    return Path(os.environ["nnUNet_results"]) / name / f"{TRAINER_NAME}__{plans_identifier}__{configuration}"
+
+
+def build_trainer(settings: TrainSettings, device: torch.device) -> nnUNetTrainer:
+    """nnU-Net's own trainer on the preprocessed dataset, with our schedule set before ``initialize()`` reads it."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+
+    name = convert_id_to_dataset_name(settings.dataset_id)
+    pre = Path(os.environ["nnUNet_preprocessed"]) / name
+    plans = load_json(str(pre / f"{settings.plans_identifier}.json"))
+    if settings.configuration not in plans["configurations"]:
+        raise PipelineError(
+            f"{pre / (settings.plans_identifier + '.json')}: no configuration {settings.configuration!r} "
+            f"(planned: {sorted(plans['configurations'])}); run `mlops prepare prepare.configurations=[...]`"
+        )
+    plans["continue_training"] = settings.continue_training  # nnU-Net 2.8 pops this key in __init__
+    dataset_json = load_json(str(pre / "dataset.json"))
+    with nnunet_output_to_log():
+        trainer = nnUNetTrainer(
+            plans=plans,
+            configuration=settings.configuration,
+            fold=settings.fold,
+            dataset_json=dataset_json,
+            device=device,
+        )
+    trainer.num_epochs = int(settings.epochs)
+    trainer.num_iterations_per_epoch = int(settings.iterations_per_epoch)
+    trainer.num_val_iterations_per_epoch = int(settings.val_iterations_per_epoch)
+    trainer.initial_lr = float(settings.initial_lr)
+    trainer.save_every = max(1, int(settings.save_every))
+    return trainer
+
+
+def _epoch_metrics(trainer: nnUNetTrainer) -> EpochMetrics:
+    get = trainer.logger.get_value
+    return EpochMetrics(
+        epoch=trainer.current_epoch - 1,
+        num_epochs=trainer.num_epochs,
+        train_loss=float(get("train_losses", step=-1)),
+        val_loss=float(get("val_losses", step=-1)),
+        pseudo_dice=[float(d) for d in get("dice_per_class_or_region", step=-1)],
+        mean_fg_dice=float(get("mean_fg_dice", step=-1)),
+        ema_fg_dice=float(get("ema_fg_dice", step=-1)),
+        lr=float(get("lrs", step=-1)),
+        epoch_time_s=float(get("epoch_end_timestamps", step=-1) - get("epoch_start_timestamps", step=-1)),
+    )
+
+
+def _install_hooks(trainer: nnUNetTrainer, on_epoch: EpochCallback | None, on_step: StepCallback | None) -> list[int]:
+    """Wrap the instance's epoch-end and train-step methods (the class, hence checkpoints, stay nnU-Net's own)."""
+    steps = [0]
+    epoch_end, train_step = trainer.on_epoch_end, trainer.train_step
+
+    def on_epoch_end() -> None:
+        epoch_end()
+        if on_epoch is not None and trainer.local_rank == 0:
+            on_epoch(_epoch_metrics(trainer))
+
+    def step(batch: dict) -> dict:
+        out = train_step(batch)
+        steps[0] += 1
+        if on_step is not None:
+            on_step()
+        return out
+
+    trainer.on_epoch_end = on_epoch_end
+    trainer.train_step = step
+    return steps
+
+
+def _checkpoint_to_resume(folder: Path) -> Path | None:
+    """nnU-Net's own order: final, then latest, then best."""
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _save_interrupted(trainer: nnUNetTrainer) -> Path | None:
+    """Checkpoint the completed epochs only: the interrupted epoch is redone on resume."""
+    if trainer.optimizer is None:
+        return None
+    done = trainer.current_epoch  # epochs fully completed (on_epoch_end increments after each)
+    for values in trainer.logger.local_logger.my_fantastic_logging.values():
+        del values[done:]
+    path = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    trainer.current_epoch = done - 1  # save_checkpoint stores current_epoch + 1
+    try:
+        trainer.save_checkpoint(str(path))
+    finally:
+        trainer.current_epoch = done
+    return path
+
+
+def _stop_dataloaders(trainer: nnUNetTrainer) -> None:
+    for loader in (trainer.dataloader_train, trainer.dataloader_val):
+        finish = getattr(loader, "_finish", None)
+        if finish is not None:
+            with contextlib.suppress(Exception):
+                finish()
+
+
+def train_fold(
+    settings: TrainSettings,
+    device: torch.device,
+    on_epoch: EpochCallback | None = None,
+    on_step: StepCallback | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> TrainOutcome:
+    """Train one fold with nnU-Net's trainer in this process, then run nnU-Net's validation of that fold."""
+    import random
+
+    import numpy as np
+    import torch
+
+    if settings.seed is not None:
+        random.seed(settings.seed)
+        np.random.seed(settings.seed)
+        torch.manual_seed(settings.seed)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    elif device.type == "cuda":
+        torch.set_num_threads(1)
+        torch.backends.cudnn.benchmark = True
+
+    trainer = build_trainer(settings, device)
+    folder = Path(trainer.output_folder)
+    resumed_from = 0
+    if settings.continue_training:
+        checkpoint = _checkpoint_to_resume(folder)
+        if checkpoint is None:
+            logger.warning(f"No checkpoint in {folder} to continue from; starting a new training")
+        else:
+            with nnunet_output_to_log():
+                trainer.load_checkpoint(str(checkpoint))
+            resumed_from = trainer.current_epoch
+            logger.info(f"Resuming from {checkpoint.name} at epoch {resumed_from}/{trainer.num_epochs}")
+    steps = _install_hooks(trainer, on_epoch, on_step)
+    if on_start is not None:
+        on_start(resumed_from)
+    try:
+        with nnunet_output_to_log():
+            trainer.run_training()
+    except KeyboardInterrupt:
+        saved = _save_interrupted(trainer)
+        _stop_dataloaders(trainer)
+        where = f"saved {saved} (epoch {trainer.current_epoch})" if saved else "nothing trained yet, no checkpoint"
+        raise TrainingInterrupted(f"training interrupted; {where}. Resume with: mlops train --continue") from None
+    except Exception as exc:
+        _stop_dataloaders(trainer)
+        raise PipelineError(f"nnU-Net training failed in {folder}: {type(exc).__name__}: {exc}") from exc
+
+    summary = None
+    if settings.validate:
+        logger.info("Running nnU-Net's validation of this fold")
+        try:
+            with nnunet_output_to_log():
+                trainer.perform_actual_validation(settings.save_probabilities)
+        except Exception as exc:
+            raise PipelineError(f"nnU-Net validation failed in {folder}: {type(exc).__name__}: {exc}") from exc
+        summary = folder / "validation" / "summary.json"
+    return TrainOutcome(
+        output_folder=folder,
+        checkpoint=folder / "checkpoint_final.pth",
+        epochs_completed=trainer.current_epoch,
+        iterations_run=steps[0],
+        resumed_from_epoch=resumed_from,
+        validation_summary=summary,
+    )
+
+
+def _ddp_worker(rank: int, world_size: int, settings: TrainSettings, paths: dict[str, str]) -> None:
+    """One rank of nnU-Net's multi-GPU training (mirrors nnunetv2.run.run_training.run_ddp, with our schedule)."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(paths)
+    dist.init_process_group("nccl", rank=rank, world_size=world_size)
+    try:
+        torch.cuda.set_device(torch.device("cuda", dist.get_rank()))
+        train_fold(settings, torch.device("cuda"))
+    finally:
+        dist.destroy_process_group()
+
+
+def train_fold_ddp(settings: TrainSettings, num_gpus: int) -> Path:
+    """nnU-Net's DDP training on ``num_gpus`` GPUs of this machine (CUDA only). Returns the fold's output folder."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < num_gpus:
+        raise PipelineError(f"--gpus {num_gpus}: PyTorch sees {visible} CUDA GPU(s)")
+    os.environ.setdefault("MASTER_ADDR", "localhost")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    paths = {v: os.environ[v] for v in PATH_VARS}
+    mp.spawn(_ddp_worker, args=(num_gpus, settings, paths), nprocs=num_gpus, join=True)
+    return model_folder(settings.dataset_id, settings.configuration, settings.plans_identifier) / (
+        f"fold_{settings.fold}"
+    )

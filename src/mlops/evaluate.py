@@ -1,0 +1,117 @@
+"""Dice per label, per case and averaged: from nnU-Net's validation summary or from two folders of NIfTI files.
+
+Follows nnU-Net's convention: a label absent from both prediction and reference has an undefined (NaN) Dice for that
+case and is left out of the means, rather than counted as a perfect 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from mlops.decathlon import NIFTI_SUFFIXES, strip_suffix
+from mlops.errors import DatasetError
+
+
+@dataclass
+class DiceReport:
+    source: str
+    labels: dict[str, str]  # label value (as str) -> name
+    num_cases: int
+    mean: dict[str, float]  # label name -> mean Dice over cases where it is defined
+    foreground_mean: float | None
+    per_case: list[dict]  # {"case": id, "dice": {name: value or None}}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, allow_nan=False)
+
+
+def _nanmean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _build(source: str, labels: dict[int, str], per_case: list[tuple[str, dict[int, float]]]) -> DiceReport:
+    names = {v: labels.get(v, f"label_{v}") for v in sorted(labels) if v != 0}
+    rows = [
+        {"case": case, "dice": {names[v]: (None if math.isnan(d) else round(d, 6)) for v, d in dice.items()}}
+        for case, dice in per_case
+    ]
+    mean = {names[v]: _nanmean([dice[v] for _, dice in per_case]) for v in names}
+    defined = [m for m in mean.values() if m is not None]
+    return DiceReport(
+        source=source,
+        labels={str(v): n for v, n in names.items()},
+        num_cases=len(per_case),
+        mean={k: (round(v, 6) if v is not None else None) for k, v in mean.items()},
+        foreground_mean=round(float(np.mean(defined)), 6) if defined else None,
+        per_case=rows,
+    )
+
+
+def dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
+    p, r = pred == label, ref == label
+    denom = int(p.sum()) + int(r.sum())
+    return float("nan") if denom == 0 else 2.0 * int(np.logical_and(p, r).sum()) / denom
+
+
+def _volumes(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: no such folder")
+    return {
+        strip_suffix(p.name): p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+    }
+
+
+def score_folders(pred_dir: Path, ref_dir: Path, labels: dict[int, str] | None = None) -> DiceReport:
+    """Score every reference case against the prediction of the same name (a missing prediction is an error)."""
+    preds, refs = _volumes(pred_dir), _volumes(ref_dir)
+    if not refs:
+        raise DatasetError(f"{ref_dir}: no reference .nii/.nii.gz files")
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        raise DatasetError(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {', '.join(missing[:10])}")
+    loaded = []
+    for case, ref_path in refs.items():
+        ref = np.asanyarray(nib.load(ref_path).dataobj)
+        pred = np.asanyarray(nib.load(preds[case]).dataobj)
+        if pred.shape != ref.shape:
+            raise DatasetError(f"{preds[case]}: shape {pred.shape} differs from reference {ref.shape} ({ref_path})")
+        loaded.append((case, np.rint(pred).astype(np.int64), np.rint(ref).astype(np.int64)))
+    if labels is None:
+        values = sorted(set().union(*(np.unique(r).tolist() for _, _, r in loaded)) - {0})
+        labels = {v: f"label_{v}" for v in values}
+    fg = [v for v in sorted(labels) if v != 0]
+    per_case = [(case, {v: dice(p, r, v) for v in fg}) for case, p, r in loaded]
+    return _build(f"{pred_dir} vs {ref_dir}", labels, per_case)
+
+
+def from_nnunet_summary(summary: Path, labels: dict[int, str]) -> DiceReport:
+    """Read nnU-Net's ``validation/summary.json`` (written by its own evaluation after training)."""
+    if not summary.is_file():
+        raise DatasetError(f"{summary}: no nnU-Net validation summary; has this fold finished training and validation?")
+    data = json.loads(summary.read_text())
+    fg = [v for v in sorted(labels) if v != 0]
+    per_case = []
+    for row in data["metric_per_case"]:
+        case = strip_suffix(Path(row["reference_file"]).name)
+        per_case.append((case, {v: float(row["metrics"].get(str(v), {}).get("Dice", float("nan"))) for v in fg}))
+    return _build(str(summary), labels, per_case)
+
+
+def labels_from_dataset_json(path: Path) -> dict[int, str]:
+    """nnU-Net dataset.json ``labels`` (name -> int) as value -> name; region-based labels are not supported here."""
+    raw = json.loads(path.read_text())["labels"]
+    out: dict[int, str] = {}
+    for name, value in raw.items():
+        if not isinstance(value, int):
+            raise DatasetError(f"{path}: region-based label {name}={value} is not supported by mlops evaluate")
+        out[value] = name
+    return out

@@ -1,0 +1,191 @@
+"""`mlops train`: nnU-Net training of one fold, configured by Hydra, logged with loguru, tracked in W&B."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+from omegaconf import DictConfig, OmegaConf
+
+from mlops import nnunet
+from mlops.config import save_config
+from mlops.errors import ConfigError, DatasetError
+from mlops.evaluate import DiceReport, from_nnunet_summary, labels_from_dataset_json
+from mlops.logs import add_file_sink
+from mlops.prepare import DatasetIdentity, dataset_identity
+from mlops.progress import progress_bar
+from mlops.tracking import Tracker
+
+FOLDS = ("0", "1", "2", "3", "4", "all")
+
+
+@dataclass
+class TrainResult:
+    dataset: str
+    output_folder: Path
+    checkpoint: Path
+    epochs_completed: int
+    iterations_run: int
+    resumed_from_epoch: int
+    validation: DiceReport | None
+    report_file: Path | None
+
+
+def parse_fold(value: object) -> int | str:
+    fold = str(value)
+    if fold not in FOLDS:
+        raise DatasetError(f"unknown fold {fold!r}; nnU-Net's 5-fold cross-validation has folds 0-4, or 'all'")
+    return "all" if fold == "all" else int(fold)
+
+
+def export_paths(cfg: DictConfig) -> None:
+    nnunet.export_paths(Path(cfg.paths.raw), Path(cfg.paths.preprocessed), Path(cfg.paths.results))
+
+
+def prepared_dataset(cfg: DictConfig) -> tuple[DatasetIdentity, Path]:
+    """The preprocessed dataset the config names (by id, as nnU-Net resolves it), or a clear error."""
+    identity = dataset_identity(cfg)
+    pre_root = Path(os.environ["nnUNet_preprocessed"])
+    matches = sorted(p for p in pre_root.glob(f"Dataset{identity.id:03d}_*") if p.is_dir())
+    if len(matches) == 1:
+        identity = DatasetIdentity(identity.id, matches[0].name.split("_", 1)[1])
+    plans = pre_root / identity.folder / f"{cfg.prepare.plans_identifier}.json"
+    if not plans.is_file():
+        raise DatasetError(
+            f"{pre_root / identity.folder}: no preprocessed dataset (missing {plans.name}); "
+            f"run `mlops prepare` first (dataset.id={identity.id})"
+        )
+    return identity, pre_root / identity.folder
+
+
+def _epoch_line(m: nnunet.EpochMetrics) -> str:
+    dice = ", ".join(f"{d:.3f}" for d in m.pseudo_dice)
+    return (
+        f"Epoch {m.epoch + 1}/{m.num_epochs}: train loss {m.train_loss:.4f}, val loss {m.val_loss:.4f}, "
+        f"pseudo Dice [{dice}], lr {m.lr:.5f}, {m.epoch_time_s:.1f} s"
+    )
+
+
+def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
+    """Train ``cfg.train.fold`` of the prepared dataset, validate it, and record it in W&B."""
+    t = cfg.train
+    fold = parse_fold(t.fold)
+    if int(t.epochs) < 1 or int(t.iterations_per_epoch) < 1 or int(t.val_iterations_per_epoch) < 1:
+        raise ConfigError("train.epochs, train.iterations_per_epoch and train.val_iterations_per_epoch must be >= 1")
+    export_paths(cfg)
+    identity, pre_dir = prepared_dataset(cfg)
+    # nnU-Net reads its worker counts from the environment; its own W&B logger stays off (we log richer data).
+    os.environ["nnUNet_n_proc_DA"] = str(max(0, int(t.num_workers)))
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, int(cfg.prepare.num_workers))))
+    os.environ["nnUNet_wandb_enabled"] = "0"
+    settings = nnunet.TrainSettings(
+        dataset_id=identity.id,
+        configuration=str(t.configuration),
+        fold=fold,
+        plans_identifier=str(cfg.prepare.plans_identifier),
+        epochs=int(t.epochs),
+        iterations_per_epoch=int(t.iterations_per_epoch),
+        val_iterations_per_epoch=int(t.val_iterations_per_epoch),
+        initial_lr=float(t.initial_lr),
+        save_every=int(t.save_every),
+        seed=int(cfg.seed) if cfg.get("seed") is not None else None,
+        continue_training=continue_training,
+        validate=bool(t.validate),
+        save_probabilities=bool(t.save_probabilities),
+    )
+    model_dir = nnunet.model_folder(identity.id, settings.configuration, settings.plans_identifier)
+    out = model_dir / f"fold_{fold}"
+    out.mkdir(parents=True, exist_ok=True)
+    sink = add_file_sink(out / "mlops_train.log")
+    save_config(cfg, out / "mlops_train_config.yaml")
+    labels = labels_from_dataset_json(pre_dir / "dataset.json")
+    tracker = Tracker(
+        mode=str(cfg.wandb.mode),
+        project=str(cfg.wandb.project),
+        entity=cfg.wandb.entity,
+        run_dir=out,
+        name=f"{identity.folder}-{settings.configuration}-fold{fold}",
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        resume=continue_training,
+    )
+    exit_code = 1
+    try:
+        logger.info(
+            f"Training {identity.folder} {settings.configuration} fold {fold}: {settings.epochs} epochs x "
+            f"{settings.iterations_per_epoch} iterations (+{settings.val_iterations_per_epoch} val), "
+            f"lr {settings.initial_lr}, output {out}"
+        )
+        if int(t.gpus) > 1:
+            nnunet.train_fold_ddp(settings, int(t.gpus))
+            outcome = None
+        else:
+            device = nnunet.resolve_device(str(t.device))
+            logger.info(f"Device: {device}")
+            names = [labels[v] for v in sorted(labels) if v != 0]
+
+            def on_epoch(m: nnunet.EpochMetrics) -> None:
+                logger.info(_epoch_line(m))
+                metrics = {
+                    "train/loss": m.train_loss,
+                    "val/loss": m.val_loss,
+                    "val/mean_fg_pseudo_dice": m.mean_fg_dice,
+                    "val/ema_fg_pseudo_dice": m.ema_fg_dice,
+                    "lr": m.lr,
+                    "epoch_time_s": m.epoch_time_s,
+                    "epoch": m.epoch + 1,
+                }
+                metrics.update({f"val/pseudo_dice/{n}": d for n, d in zip(names, m.pseudo_dice, strict=False)})
+                tracker.log(metrics, step=m.epoch + 1)
+
+            with progress_bar() as bar:
+                task = bar.add_task("Training iterations", total=settings.epochs * settings.iterations_per_epoch)
+                outcome = nnunet.train_fold(
+                    settings,
+                    device,
+                    on_epoch=on_epoch,
+                    on_step=lambda: bar.advance(task),
+                    on_start=lambda epoch: bar.update(task, completed=epoch * settings.iterations_per_epoch),
+                )
+        report, report_file = None, None
+        summary = out / "validation" / "summary.json"
+        if settings.validate and summary.is_file():
+            report = from_nnunet_summary(summary, labels)
+            report_file = write_report(cfg, report, f"validation_{identity.folder}_{settings.configuration}_fold{fold}")
+            logger.info(f"Validation Dice: {report.mean} (foreground mean {report.foreground_mean})")
+            tracker.summary({f"final/dice/{k}": v for k, v in report.mean.items()})
+            tracker.summary({"final/dice/foreground_mean": report.foreground_mean})
+        if cfg.wandb.log_model:
+            tracker.log_model(
+                name=f"nnunet-{identity.folder}-{settings.configuration}-fold{fold}",
+                files=[
+                    out / "checkpoint_final.pth",
+                    model_dir / "plans.json",
+                    model_dir / "dataset.json",
+                    model_dir / "dataset_fingerprint.json",
+                ],
+                metadata={"dataset": identity.folder, "configuration": settings.configuration, "fold": str(fold)},
+                aliases=["latest", f"fold_{fold}"],
+            )
+        exit_code = 0
+        return TrainResult(
+            dataset=identity.folder,
+            output_folder=out,
+            checkpoint=out / "checkpoint_final.pth",
+            epochs_completed=outcome.epochs_completed if outcome else settings.epochs,
+            iterations_run=outcome.iterations_run if outcome else 0,
+            resumed_from_epoch=outcome.resumed_from_epoch if outcome else 0,
+            validation=report,
+            report_file=report_file,
+        )
+    finally:
+        tracker.finish(exit_code)
+        logger.remove(sink)
+
+
+def write_report(cfg: DictConfig, report: DiceReport, stem: str) -> Path:
+    path = Path(cfg.evaluate.output_dir) / f"{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.to_json())
+    return path
