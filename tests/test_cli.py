@@ -14,7 +14,7 @@ from mlops.errors import ConfigError
 
 from .conftest import Workspace, run_mlops
 
-COMMANDS = ["synth", "download", "prepare"]
+COMMANDS = ["synth", "download", "prepare", "train", "evaluate", "predict", "serve"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

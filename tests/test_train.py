@@ -130,40 +130,38 @@ def test_resume_continues_epochs_and_logs(prepared_synth: Workspace) -> None:
     assert "Epoch 1/1" in log and "Epoch 2/2" in log
 
 
-def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(prepared_synth: Workspace) -> None:
-    args = [
-        "train",
-        "--fold",
-        "2",
-        "dataset.id=500",
-        "train=quick",
-        "train.epochs=200",
-        "train.iterations_per_epoch=2",
-        "train.val_iterations_per_epoch=1",
-        "train.num_workers=0",
-        "wandb.mode=disabled",
-        "train.device=cpu",
-    ]
+@pytest.mark.parametrize(
+    ("sig", "fold", "workers"),
+    [(signal.SIGINT, 2, 0), (signal.SIGTERM, 3, 2)],  # Ctrl-C; docker stop / preemption, with augmenter workers
+    ids=["ctrl-c", "sigterm"],
+)
+def test_interrupt_saves_checkpoint_and_says_how_to_resume(
+    prepared_synth: Workspace, sig: signal.Signals, fold: int, workers: int
+) -> None:
+    args = ["train", "--fold", str(fold), "dataset.id=500", "train=quick", "train.epochs=200"]
+    args += ["train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1", f"train.num_workers={workers}"]
+    args += ["wandb.mode=disabled", "train.device=cpu"]
     exe = Path(sys.executable).parent / "mlops"
     proc = subprocess.Popen(
         [str(exe), *args], env=prepared_synth.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    fold = prepared_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_2"
+    folder = prepared_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / f"fold_{fold}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        log = fold / "mlops_train.log"
+        log = folder / "mlops_train.log"
         if log.is_file() and "Epoch 2/200" in log.read_text():
             break
         time.sleep(0.5)
     assert proc.poll() is None, "training ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "Resume with: mlops train --continue" in stderr
-    ckpt = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(folder / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert 2 <= ckpt["current_epoch"] < 200
     assert len(ckpt["logging"]["train_losses"]) == ckpt["current_epoch"]  # the interrupted epoch is not counted
-    assert not (fold / "checkpoint_final.pth").exists()
+    assert not (folder / "checkpoint_final.pth").exists()
+    assert not any("Traceback" in line for line in stderr.splitlines()[-20:]), stderr[-3000:]
 
 
 def test_overrides_reach_the_trainer(prepared_synth: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -287,6 +287,70 @@ def evaluate(
     out.print(f"Foreground mean Dice {fmt(report.foreground_mean)}; report written to {path}")
 
 
+@app.command()
+@handle_errors
+def predict(
+    args: list[str] = typer.Argument(
+        None, metavar="INPUT [OVERRIDES]...", help="A .nii/.nii.gz file or a folder of them; " + OVERRIDES_HELP
+    ),
+    output: Path = typer.Option(None, "--output", "-o", help="Output file (file input) or folder (folder input)."),
+    model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
+    folds: str = typer.Option(None, "--folds", help="Comma-separated folds to ensemble, or 'auto' for all trained."),
+    no_tta: bool = typer.Option(False, "--no-tta", help="Turn off mirroring test-time augmentation (faster)."),
+    device: str = typer.Option(None, "--device", "-d", help="auto, cuda, cpu or mps (default: predict.device)."),
+    as_json: bool = typer.Option(False, "--json", help="Print label volumes as JSON."),
+) -> None:
+    """Segment NIfTI volumes with the trained model; prints each label's volume in mm³."""
+    import json
+
+    from mlops.predict import predict as run_predict
+
+    positional, overrides = split_args(args)
+    if not positional:
+        raise ConfigError("missing INPUT: a .nii/.nii.gz file or a folder of them")
+    extra: dict[str, Any] = {"predict.device": device, "predict.tta": False if no_tta else None}
+    if folds is not None:
+        extra["predict.folds"] = "null" if folds == "auto" else "[" + folds + "]"
+    cfg = load_config([*overrides, *(f"{k}={v}" for k, v in extra.items() if v is not None)])
+    results = run_predict(cfg, Path(positional[0]), output, model)
+    if as_json:
+        payload = [
+            {"input": str(r.input), "output": str(r.output), "shape": r.shape, "volumes_mm3": r.volumes_mm3}
+            for r in results
+        ]
+        out.print_json(json.dumps(payload))
+        return
+    names = list(results[0].volumes_mm3) if results else []
+    table = Table(title="Label volumes (mm³)", title_justify="left")
+    table.add_column("case")
+    table.add_column("output", overflow="fold")
+    for n in names:
+        table.add_column(n, justify="right")
+    table.add_column("s", justify="right")
+    for r in results:
+        case = r.input.name.split(".nii")[0]
+        table.add_row(case, str(r.output), *(f"{r.volumes_mm3[n]:.1f}" for n in names), f"{r.seconds:.2f}")
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def serve(
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    host: str = typer.Option(None, "--host", help="Interface (default: serve.host)."),
+    port: int = typer.Option(None, "--port", help="Port (default: $PORT, else serve.port)."),
+) -> None:
+    """Run the segmentation API (FastAPI + uvicorn): POST /predict, /health, /ready, /metrics, /docs."""
+    import uvicorn
+
+    from mlops.api import create_app
+
+    _, overrides = split_args(args, max_positional=0)
+    cfg = compose(overrides, **{"serve.host": host, "serve.port": port})
+    app_ = create_app(cfg)
+    uvicorn.run(app_, host=str(cfg.serve.host), port=int(cfg.serve.port), log_level="info", access_log=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

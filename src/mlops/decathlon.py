@@ -30,6 +30,7 @@ from loguru import logger
 
 from mlops.errors import DatasetError, ValidationError
 from mlops.progress import progress_bar
+from mlops.volumes import like
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 FILE_ENDING = ".nii.gz"
@@ -230,14 +231,8 @@ def _is_scaled(img: nib.Nifti1Image) -> bool:
 
 
 def _write(data: np.ndarray, src: nib.Nifti1Image, path: Path) -> None:
-    """Write ``data`` with ``src``'s header geometry (qform, sform and their codes, pixdim, units) preserved."""
-    header = src.header.copy()
-    header.set_data_dtype(data.dtype)
-    header.set_slope_inter(None, None)
-    img = type(src)(data, None, header=header)
-    img.set_qform(src.get_qform(), code=int(src.header["qform_code"]))
-    img.set_sform(src.get_sform(), code=int(src.header["sform_code"]))
-    nib.save(img, path)
+    """Write ``data`` with ``src``'s header geometry preserved."""
+    nib.save(like(data, src), path)
 
 
 def process_case(job: CaseJob) -> CaseResult:

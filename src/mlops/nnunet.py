@@ -25,6 +25,7 @@ from loguru import logger
 from mlops.errors import PipelineError
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `mlops --help` must not pay for torch
+    import numpy as np
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -411,3 +412,97 @@ def train_fold_ddp(settings: TrainSettings, num_gpus: int) -> Path:
     return model_folder(settings.dataset_id, settings.configuration, settings.plans_identifier) / (
         f"fold_{settings.fold}"
     )
+
+
+# ----------------------------------------------------------------------------------------------------- inference
+def available_folds(model_dir: Path, checkpoint: str = "checkpoint_final.pth") -> list[int | str]:
+    """Folds of a trained model folder that have ``checkpoint``."""
+    folds: list[int | str] = []
+    for sub in sorted(model_dir.glob("fold_*")):
+        if (sub / checkpoint).is_file():
+            name = sub.name.removeprefix("fold_")
+            folds.append(int(name) if name.isdigit() else name)
+    return folds
+
+
+class Segmenter:
+    """nnU-Net's predictor, loaded once and kept warm; segments one volume at a time, in memory.
+
+    Arrays come in and go out in nibabel's voxel order (i, j, k). nnU-Net was planned with SimpleITK's reader, whose
+    arrays are (k, j, i) with reversed spacing, so both are transposed at this boundary (as nnU-Net's docs require).
+    Calls are serialised: one volume already uses every core (or the GPU), so parallel calls would only contend.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        folds: list[int | str] | None = None,
+        checkpoint: str = "checkpoint_final.pth",
+        device: str = "auto",
+        tta: bool = True,
+        tile_step_size: float = 0.5,
+    ) -> None:
+        import threading
+
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "plans.json").is_file():
+            raise PipelineError(
+                f"{model_dir}: no trained nnU-Net model here (no plans.json); train one with `mlops train --fold 0`"
+            )
+        found = available_folds(model_dir, checkpoint)
+        folds = found if folds is None else list(folds)
+        missing = [f for f in folds if f not in found]
+        if not folds or missing:
+            raise PipelineError(
+                f"{model_dir}: no {checkpoint} for fold(s) {missing or folds} (available: {found or 'none'}); "
+                "train them with `mlops train --fold N`"
+            )
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            with nnunet_output_to_log():
+                self.predictor = nnUNetPredictor(
+                    tile_step_size=tile_step_size,
+                    use_gaussian=True,
+                    use_mirroring=tta,
+                    perform_everything_on_device=self.device.type == "cuda",
+                    device=self.device,
+                    verbose=False,
+                    verbose_preprocessing=False,
+                    allow_tqdm=False,
+                )
+                self.predictor.initialize_from_trained_model_folder(str(model_dir), tuple(folds), checkpoint)
+        except Exception as exc:
+            raise PipelineError(f"{model_dir}: cannot load the nnU-Net model ({type(exc).__name__}: {exc})") from exc
+        self.model_dir, self.folds, self.default_tta = model_dir, folds, tta
+        p = self.predictor
+        self.num_channels = len(p.dataset_json["channel_names"])
+        self.labels = {int(v): k for k, v in p.dataset_json["labels"].items() if isinstance(v, int)}
+        self._preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
+        self._lock = threading.Lock()
+
+    def segment(self, image: np.ndarray, spacing: tuple[float, ...], tta: bool | None = None) -> np.ndarray:
+        """Segment ``image`` (i, j, k[, c]) with voxel ``spacing`` (i, j, k); returns uint8 labels (i, j, k)."""
+        import numpy as np
+        import torch
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        data = image[..., None] if image.ndim == 3 else image
+        data = np.ascontiguousarray(data.transpose(3, 2, 1, 0), dtype=np.float32)  # -> (c, k, j, i)
+        props = {"spacing": [float(s) for s in reversed(spacing[:3])]}
+        p = self.predictor
+        with self._lock:
+            p.use_mirroring = self.default_tta if tta is None else tta
+            pre, _, props = self._preprocessor.run_case_npy(
+                data, None, props, p.plans_manager, p.configuration_manager, p.dataset_json
+            )
+            with torch.no_grad():
+                logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(pre).float()).cpu()
+            seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits, p.plans_manager, p.configuration_manager, p.label_manager, props, return_probabilities=False
+            )
+        return np.ascontiguousarray(np.asarray(seg).transpose(2, 1, 0)).astype(np.uint8)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +62,32 @@ def prepared_dataset(cfg: DictConfig) -> tuple[DatasetIdentity, Path]:
             f"run `mlops prepare` first (dataset.id={identity.id})"
         )
     return identity, pre_root / identity.folder
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (docker stop, Kubernetes, preemptible/Vertex AI VMs) like Ctrl-C: checkpoint, then exit.
+
+    Forked data-augmentation workers inherit the handler; in them it falls back to the default (terminate), because
+    nnU-Net stops its workers with SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _epoch_line(m: nnunet.EpochMetrics) -> str:
@@ -139,7 +169,7 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
                 metrics.update({f"val/pseudo_dice/{n}": d for n, d in zip(names, m.pseudo_dice, strict=False)})
                 tracker.log(metrics, step=m.epoch + 1)
 
-            with progress_bar() as bar:
+            with sigterm_as_interrupt(), progress_bar() as bar:
                 task = bar.add_task("Training iterations", total=settings.epochs * settings.iterations_per_epoch)
                 outcome = nnunet.train_fold(
                     settings,
