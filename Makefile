@@ -18,12 +18,15 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@touch $(STAMP)
 
 # End to end on the project's own synthetic Decathlon task: synthesise, prepare (convert + nnU-Net planning and
-# preprocessing), train briefly on CPU (about a minute) and print the validation Dice.
+# preprocessing), train briefly on CPU (about a minute), print the validation Dice, segment a test case (label
+# volumes in mm³) and write the train-vs-test drift report.
 demo: install
 	@test -f data/synthetic/Task500_Synthetic/dataset.json || $(BIN)/mlops synth
 	$(BIN)/mlops prepare dataset=synthetic
 	$(BIN)/mlops train --fold 0 dataset=synthetic train=quick train.device=cpu
 	$(BIN)/mlops evaluate --fold 0 dataset=synthetic train=quick
+	$(BIN)/mlops predict data/synthetic/Task500_Synthetic/imagesTs/synth_016.nii.gz -o data/demo_seg.nii.gz dataset=synthetic
+	$(BIN)/mlops drift dataset=synthetic
 
 test: install
 	$(BIN)/python -m pytest
@@ -41,6 +44,9 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_drift.py
+	$(BIN)/python benchmarks/bench_predict.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf data/synthetic data/nnUNet_raw data/nnUNet_preprocessed data/nnUNet_results .pytest_cache .ruff_cache

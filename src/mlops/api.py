@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 
 from mlops import __version__
+from mlops.drift import RequestLog
 from mlops.errors import MlopsError
 from mlops.volumes import InputError, check_volume, decode_nifti, label_volumes, segmentation_like, to_gzip_bytes
 
@@ -83,6 +84,7 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
     serve = cfg.serve
     max_bytes, max_voxels = int(serve.max_upload_bytes), int(serve.max_voxels)
     metrics, slots = Metrics(), Slots(int(serve.max_in_flight))
+    request_log = RequestLog(Path(cfg.drift.requests_log)) if serve.get("record_stats") else None
 
     def default_factory() -> Any:
         folder = fetch_model(cfg) if serve.get("model_uri") else model_dir(cfg)
@@ -172,7 +174,7 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
                 raise InputError(f"{name}: upload above the limit of {max_bytes:,} bytes", 413)
             segmenter = request.app.state.segmenter
             t0 = time.perf_counter()
-            body, volumes = await run_in_threadpool(_segment, segmenter, raw, name, max_voxels, tta)
+            body, volumes = await run_in_threadpool(_segment, segmenter, raw, name, max_voxels, tta, request_log)
             metrics.inference.observe(time.perf_counter() - t0)
         except InputError as exc:
             raise HTTPException(exc.status, str(exc)) from None
@@ -196,10 +198,18 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
     return app
 
 
-def _segment(segmenter: Any, raw: bytes, name: str, max_voxels: int, tta: bool | None) -> tuple[bytes, dict]:
+def _segment(
+    segmenter: Any, raw: bytes, name: str, max_voxels: int, tta: bool | None, request_log: RequestLog | None
+) -> tuple[bytes, dict]:
     img = decode_nifti(raw, name, max_voxels)
     data = check_volume(img, name, segmenter.num_channels)
-    seg = segmenter.segment(data, tuple(float(z) for z in img.header.get_zooms()[:3]), tta=tta)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    seg = segmenter.segment(data, zooms, tta=tta)
+    if request_log is not None:
+        try:  # drift monitoring must never fail a prediction
+            request_log.record(name, data, zooms)
+        except Exception as exc:
+            logger.warning(f"could not record request statistics: {exc}")
     return to_gzip_bytes(segmentation_like(seg, img), level=1), label_volumes(seg, img, segmenter.labels)
 
 

@@ -351,6 +351,37 @@ def serve(
     uvicorn.run(app_, host=str(cfg.serve.host), port=int(cfg.serve.port), log_level="info", access_log=False)
 
 
+@app.command()
+@handle_errors
+def drift(
+    args: list[str] = typer.Argument(
+        None, metavar="[SOURCE] [OVERRIDES]...", help="Decathlon task or nnU-Net raw dataset folder; " + OVERRIDES_HELP
+    ),
+    current: str = typer.Option(None, "--current", help="test (the task's test images) or requests (served volumes)."),
+    fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 2 if the drift share is above the limit."),
+) -> None:
+    """Evidently report: intensity, shape and spacing statistics of training vs test (or served) volumes."""
+    from mlops.drift import run_drift
+
+    positional, overrides = split_args(args)
+    cfg = compose(overrides, **{"drift.source": positional[0] if positional else None, "drift.current": current})
+    summary = run_drift(cfg)
+    table = Table(title=f"Drift: {summary.current_rows} current vs {summary.reference_rows} reference volumes")
+    for col in ("statistic", "test", "score", "threshold", "drifted"):
+        table.add_column(col)
+    for c in summary.columns:
+        mark = "[bold red]yes[/]" if c.drifted else "no"
+        table.add_row(c.column, c.test, f"{c.score:.3g}", f"{c.threshold:g}", mark)
+    out.print(table)
+    out.print(
+        f"Drift share {summary.drift_share:.2f} (limit {summary.max_drift_share:.2f}); "
+        f"report: {summary.html}; summary: {cfg.drift.summary}"
+    )
+    if fail_on_drift and summary.dataset_drift:
+        err.print(f"[bold red]Drift:[/] {summary.drift_share:.2f} of statistics drifted: {summary.drifted_columns}")
+        raise typer.Exit(2)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
