@@ -179,9 +179,11 @@ def test_overrides_reach_the_trainer(prepared_synth: Workspace, monkeypatch: pyt
         iterations_per_epoch=cfg.train.iterations_per_epoch,
         val_iterations_per_epoch=cfg.train.val_iterations_per_epoch,
         initial_lr=cfg.train.initial_lr,
+        batch_size=3,
     )
     trainer = nnunet.build_trainer(settings, torch.device("cpu"))
     assert (trainer.num_iterations_per_epoch, trainer.num_epochs, trainer.initial_lr) == (7, 11, 0.003)
+    assert trainer.configuration_manager.batch_size == 3
     assert trainer.num_val_iterations_per_epoch == 3
     assert type(trainer).__name__ == "nnUNetTrainer"
     default = load_config()

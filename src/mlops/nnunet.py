@@ -140,6 +140,7 @@ class TrainSettings:
     iterations_per_epoch: int = 250
     val_iterations_per_epoch: int = 50
     initial_lr: float = 1e-2
+    batch_size: int | None = None  # None: the batch size nnU-Net planned
     save_every: int = 50
     seed: int | None = None
     continue_training: bool = False
@@ -223,6 +224,8 @@ def build_trainer(settings: TrainSettings, device: torch.device) -> nnUNetTraine
             f"(planned: {sorted(plans['configurations'])}); run `mlops prepare prepare.configurations=[...]`"
         )
     plans["continue_training"] = settings.continue_training  # nnU-Net 2.8 pops this key in __init__
+    if settings.batch_size:
+        plans["configurations"][settings.configuration]["batch_size"] = int(settings.batch_size)
     dataset_json = load_json(str(pre / "dataset.json"))
     with nnunet_output_to_log():
         trainer = nnUNetTrainer(

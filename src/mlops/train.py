@@ -119,6 +119,7 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
         iterations_per_epoch=int(t.iterations_per_epoch),
         val_iterations_per_epoch=int(t.val_iterations_per_epoch),
         initial_lr=float(t.initial_lr),
+        batch_size=int(t.batch_size) if t.get("batch_size") else None,
         save_every=int(t.save_every),
         seed=int(cfg.seed) if cfg.get("seed") is not None else None,
         continue_training=continue_training,
