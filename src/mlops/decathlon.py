@@ -18,10 +18,8 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +27,7 @@ import numpy as np
 from loguru import logger
 
 from mlops.errors import DatasetError, ValidationError
-from mlops.progress import progress_bar
+from mlops.progress import parallel_map
 from mlops.volumes import like
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -339,22 +337,8 @@ def convert_task(task: DecathlonTask, out_dir: Path, num_workers: int = 1) -> Co
     allowed = frozenset(task.labels)
     jobs = [CaseJob(c, "Tr", task.num_channels, allowed, out_dir) for c in task.training]
     jobs += [CaseJob(c, "Ts", task.num_channels, allowed, out_dir) for c in task.test]
-    problems = list(task.problems)
-    results: list[CaseResult] = []
-    with progress_bar() as bar:
-        tid = bar.add_task(f"Validating + converting {task.root.name}", total=len(jobs))
-        if num_workers <= 1:
-            for job in jobs:
-                results.append(process_case(job))
-                bar.advance(tid)
-        else:
-            with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn")) as pool:
-                for fut in as_completed([pool.submit(process_case, j) for j in jobs]):
-                    results.append(fut.result())
-                    bar.advance(tid)
-    order = {j.case.case_id: i for i, j in enumerate(jobs)}
-    for r in sorted(results, key=lambda r: order[r.case_id]):
-        problems.extend(r.problems)
+    results = parallel_map(process_case, jobs, num_workers, f"Validating + converting {task.root.name}")
+    problems = list(task.problems) + [p for r in results for p in r.problems]
     if problems:
         raise ValidationError(str(task.root), problems)
     (out_dir / "dataset.json").write_text(json.dumps(nnunet_dataset_json(task), indent=4))

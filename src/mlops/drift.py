@@ -14,9 +14,7 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
@@ -26,7 +24,7 @@ from omegaconf import DictConfig
 
 from mlops.decathlon import read_task
 from mlops.errors import ConfigError, DatasetError
-from mlops.progress import progress_bar
+from mlops.progress import parallel_map
 
 PERCENTILES = (1, 5, 50, 95, 99)
 STAT_COLUMNS = [
@@ -101,19 +99,7 @@ def task_images(source: Path, require_test: bool = True) -> tuple[list[Path], li
 
 def collect(paths: list[Path], workers: int, description: str) -> list[dict]:
     """Statistics of many volumes, read in parallel processes, with a progress bar; order follows ``paths``."""
-    rows: list[dict] = []
-    with progress_bar() as bar:
-        tid = bar.add_task(description, total=len(paths))
-        if workers <= 1:
-            for p in paths:
-                rows.append(volume_stats(p))
-                bar.advance(tid)
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                for row in pool.map(volume_stats, paths, chunksize=4):
-                    rows.append(row)
-                    bar.advance(tid)
-    return rows
+    return parallel_map(volume_stats, paths, workers, description)
 
 
 @dataclass

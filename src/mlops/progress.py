@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
+R = TypeVar("R")
 stderr_console = Console(stderr=True)
 
 
@@ -29,3 +32,23 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     """Iterate with a progress bar."""
     with progress_bar() as bar:
         yield from bar.track(items, description=description, total=total)
+
+
+def parallel_map(fn: Callable[[T], R], items: list[T], workers: int, description: str) -> list[R]:
+    """``[fn(x) for x in items]`` in ``workers`` spawned processes (in-process for 1), in order, with a progress bar.
+
+    ``fn`` must be a module-level function (it is pickled). Spawn, not fork: the caller may hold torch threads.
+    """
+    results: list[R] = []
+    with progress_bar() as bar:
+        tid = bar.add_task(description, total=len(items))
+        if workers <= 1 or len(items) <= 1:
+            for item in items:
+                results.append(fn(item))
+                bar.advance(tid)
+        else:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                for result in pool.map(fn, items, chunksize=max(1, min(8, len(items) // (4 * workers)))):
+                    results.append(result)
+                    bar.advance(tid)
+    return results
