@@ -54,6 +54,24 @@ class Workspace:
         return env
 
 
+@pytest.fixture(autouse=True)
+def _isolate_nnunet_env() -> Iterator[None]:
+    """In-process CLI runs export nnU-Net's variables (as a real `mlops` process must); undo that after each test.
+
+    monkeypatch.delenv of an absent variable records nothing to restore, so a snapshot is taken here instead.
+    """
+    names = (*NNUNET_VARS, "nnUNet_n_proc_DA", "nnUNet_def_n_proc", "nnUNet_wandb_enabled")
+    saved = {k: os.environ.get(k) for k in names}
+    for k in NNUNET_VARS:
+        os.environ.pop(k, None)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
     """An empty data root; nnU-Net's own variables are cleared so the config's defaults under it apply."""
