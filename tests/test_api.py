@@ -242,3 +242,18 @@ def test_model_fetched_from_uri(trained_synth: TrainedModel, tmp_path: Path) -> 
     assert folder == tmp_path / trained_synth.model_dir.name
     assert (folder / "plans.json").is_file() and (folder / "fold_0" / "checkpoint_final.pth").is_file()
     assert fetch_model(cfg) == folder  # cached
+
+
+def test_served_volumes_feed_the_drift_report(
+    server: Server, trained_synth: TrainedModel, synth_task: Path, tmp_path: Path
+) -> None:
+    """The service records each served volume's statistics; `mlops drift --current requests` reads them."""
+    assert_good(server, synth_task / "imagesTs" / "synth_008.nii.gz")
+    log = trained_synth.workspace.root / "requests" / "volume_stats.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows and rows[-1]["case"] == "synth_008.nii.gz" and "intensity_p99" in rows[-1]
+    args = ["drift", str(synth_task), "--current", "requests", f"paths.reports={tmp_path}"]
+    proc = run_mlops(*args, env=trained_synth.workspace.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "drift_summary.json").read_text())
+    assert summary["current_rows"] == len(rows) and summary["reference_rows"] == 8

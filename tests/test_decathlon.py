@@ -50,7 +50,7 @@ def test_convert_3d_task_exact(synth_task: Path, tmp_path: Path) -> None:
 def test_convert_4d_two_channel_task_splits_channels(synth_task_4d: Path, tmp_path: Path) -> None:
     task = read_task(synth_task_4d)
     assert task.num_channels == 2
-    summary = convert_task(task, tmp_path / "out", num_workers=2)  # also exercises the worker pool
+    summary = convert_task(task, tmp_path / "out", num_workers=2)
     out = tmp_path / "out"
     assert summary.files_encoded == 5 * 2  # every 4D image becomes two 3D files
     ds = json.loads((out / "dataset.json").read_text())

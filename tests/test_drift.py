@@ -66,6 +66,7 @@ def test_shifted_test_images_drift(shifted_task: Path, tmp_path: Path, cli: CliR
     assert column["test"] == "K-S p_value" and column["score"] < column["threshold"]
     assert (summary["reference_rows"], summary["current_rows"]) == (16, 8)
     assert (tmp_path / "drift_train_vs_test.html").stat().st_size > 100_000
+    assert "max_drift_share: 0.5" in (tmp_path / "drift_train_vs_test_config.yaml").read_text()
 
 
 def test_same_generator_does_not_drift(same_task: Path, tmp_path: Path, cli: CliRunner) -> None:

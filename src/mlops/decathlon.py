@@ -27,7 +27,7 @@ import numpy as np
 from loguru import logger
 
 from mlops.errors import DatasetError, ValidationError
-from mlops.progress import parallel_map
+from mlops.progress import parallel_map, workers_for
 from mlops.volumes import like
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -337,7 +337,9 @@ def convert_task(task: DecathlonTask, out_dir: Path, num_workers: int = 1) -> Co
     allowed = frozenset(task.labels)
     jobs = [CaseJob(c, "Tr", task.num_channels, allowed, out_dir) for c in task.training]
     jobs += [CaseJob(c, "Ts", task.num_channels, allowed, out_dir) for c in task.test]
-    results = parallel_map(process_case, jobs, num_workers, f"Validating + converting {task.root.name}")
+    files = [p for c in (*task.training, *task.test) for p in (c.image, c.label) if p is not None]
+    workers = workers_for(files, num_workers)
+    results = parallel_map(process_case, jobs, workers, f"Validating + converting {task.root.name}")
     problems = list(task.problems) + [p for r in results for p in r.problems]
     if problems:
         raise ValidationError(str(task.root), problems)

@@ -22,9 +22,10 @@ import numpy as np
 from loguru import logger
 from omegaconf import DictConfig
 
+from mlops.config import save_config
 from mlops.decathlon import read_task
 from mlops.errors import ConfigError, DatasetError
-from mlops.progress import parallel_map
+from mlops.progress import parallel_map, workers_for
 
 PERCENTILES = (1, 5, 50, 95, 99)
 STAT_COLUMNS = [
@@ -230,13 +231,14 @@ def run_drift(cfg: DictConfig) -> DriftSummary:
     if not source.is_dir():
         raise DatasetError(f"{source}: no such folder")
     train, test = task_images(source, require_test=mode == "test")
-    workers = int(cfg.drift.num_workers)
+    workers = workers_for([*train, *test], int(cfg.drift.num_workers))
     reference = collect(train, workers, f"Statistics of {len(train)} training volumes")
     if mode == "test":
         current = collect(test, workers, f"Statistics of {len(test)} test volumes")
     else:
         current = read_request_log(Path(cfg.drift.requests_log))
     logger.info(f"Evidently drift report: {len(current)} current vs {len(reference)} reference volumes")
-    return evidently_report(
-        reference, current, Path(cfg.drift.html), Path(cfg.drift.summary), float(cfg.drift.max_drift_share)
-    )
+    html = Path(cfg.drift.html)
+    summary = evidently_report(reference, current, html, Path(cfg.drift.summary), float(cfg.drift.max_drift_share))
+    save_config(cfg, html.with_name(html.stem + "_config.yaml"))
+    return summary

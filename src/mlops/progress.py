@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 from typing import TypeVar
 
 from rich.console import Console
@@ -32,6 +33,19 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     """Iterate with a progress bar."""
     with progress_bar() as bar:
         yield from bar.track(items, description=description, total=total)
+
+
+# Below this much input, starting worker processes (~0.5 s each with spawn) costs more than it saves. Measured:
+# the 200 real Task04 volumes (23 MB) take 0.59 s serially and 0.66 s with two workers.
+SMALL_INPUT_BYTES = 32 * 2**20
+
+
+def workers_for(paths: Iterable[Path], workers: int) -> int:
+    """``workers``, or 1 when the files are too small for worker processes to pay off."""
+    if workers <= 1:
+        return 1
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    return 1 if total < SMALL_INPUT_BYTES else workers
 
 
 def parallel_map(fn: Callable[[T], R], items: list[T], workers: int, description: str) -> list[R]:
