@@ -21,7 +21,7 @@ from rich.table import Table
 from mlops import __version__
 from mlops.config import load_config
 from mlops.errors import ConfigError, MlopsError
-from mlops.logs import setup_logging
+from mlops.logs import intercept_stdlib_logging, setup_logging
 from mlops.nnunet import TrainingInterrupted
 
 app = typer.Typer(
@@ -348,7 +348,8 @@ def serve(
     _, overrides = split_args(args, max_positional=0)
     cfg = compose(overrides, **{"serve.host": host, "serve.port": port})
     app_ = create_app(cfg)
-    uvicorn.run(app_, host=str(cfg.serve.host), port=int(cfg.serve.port), log_level="info", access_log=False)
+    intercept_stdlib_logging()
+    uvicorn.run(app_, host=str(cfg.serve.host), port=int(cfg.serve.port), log_config=None, access_log=False)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from loguru import logger
@@ -27,3 +28,22 @@ def add_file_sink(path: Path) -> int:
     """Also write DEBUG-level logs to ``path`` (e.g. next to training results); returns the sink id to remove it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return logger.add(path, level="DEBUG", enqueue=False)
+
+
+class _InterceptHandler(logging.Handler):
+    """Send stdlib logging (uvicorn, libraries) through loguru, so every log line has one format and one sink."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info).log(level, f"[{record.name}] {record.getMessage()}")
+
+
+def intercept_stdlib_logging(names: tuple[str, ...] = ("uvicorn", "uvicorn.error", "uvicorn.access")) -> None:
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)
+    for name in names:
+        lg = logging.getLogger(name)
+        lg.handlers = [_InterceptHandler()]
+        lg.propagate = False
