@@ -102,9 +102,13 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         lifespan=lifespan,
     )
 
+    known_paths: set[str] = set()  # filled on the first request, once every route exists
+
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path if request.url.path in {r.path for r in app.routes} else "other"
+        if not known_paths:
+            known_paths.update(r.path for r in app.routes)
+        path = request.url.path if request.url.path in known_paths else "other"  # bounded metric labels
         t0 = time.perf_counter()
         declared = request.headers.get("content-length")
         if path == "/predict" and declared and declared.isdigit() and int(declared) > max_bytes + 4096:

@@ -245,7 +245,7 @@ def evaluate(
 ) -> None:
     """Per-label Dice (mean and per case) of a fold's validation, or of a prediction folder against references."""
     from mlops import evaluate as ev
-    from mlops.train import export_paths, parse_fold, prepared_dataset, write_report
+    from mlops.train import export_paths, parse_fold, prepared_dataset, validation_report
 
     _, overrides = split_args(args, max_positional=0)
     cfg = compose(overrides, **{"train.fold": fold})
@@ -260,17 +260,10 @@ def evaluate(
         except MlopsError:
             logger.debug("no prepared dataset for label names; using label values")
         report = ev.score_folders(pred, ref, labels)
-        stem = f"evaluate_{pred.name}_vs_{ref.name}"
+        path = ev.write_report(report, Path(cfg.evaluate.output_dir), f"evaluate_{pred.name}_vs_{ref.name}")
     else:
-        from mlops import nnunet
-
-        f = parse_fold(cfg.train.fold)
         identity, pre_dir = prepared_dataset(cfg)
-        folder = nnunet.model_folder(identity.id, str(cfg.train.configuration), str(cfg.prepare.plans_identifier))
-        summary = folder / f"fold_{f}" / "validation" / "summary.json"
-        report = ev.from_nnunet_summary(summary, ev.labels_from_dataset_json(pre_dir / "dataset.json"))
-        stem = f"validation_{identity.folder}_{cfg.train.configuration}_fold{f}"
-    path = write_report(cfg, report, stem)
+        report, path = validation_report(cfg, identity, pre_dir, parse_fold(cfg.train.fold))
     if as_json:
         out.print_json(report.to_json())
         return

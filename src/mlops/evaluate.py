@@ -106,6 +106,14 @@ def from_nnunet_summary(summary: Path, labels: dict[int, str]) -> DiceReport:
     return _build(str(summary), labels, per_case)
 
 
+def write_report(report: DiceReport, out_dir: Path, stem: str) -> Path:
+    """Write ``report`` as ``<out_dir>/<stem>.json``."""
+    path = out_dir / f"{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.to_json())
+    return path
+
+
 def labels_from_dataset_json(path: Path) -> dict[int, str]:
     """nnU-Net dataset.json ``labels`` (name -> int) as value -> name; region-based labels are not supported here."""
     raw = json.loads(path.read_text())["labels"]

@@ -201,12 +201,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def model_folder(dataset_id: int, configuration: str, plans_identifier: str = "nnUNetPlans") -> Path:
+def model_folder(dataset_folder: str, configuration: str, plans_identifier: str = "nnUNetPlans") -> Path:
     """nnU-Net's results folder for a trained configuration (the ``--model`` folder of predict)."""
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
-
-    name = convert_id_to_dataset_name(dataset_id)
-    return Path(os.environ["nnUNet_results"]) / name / f"{TRAINER_NAME}__{plans_identifier}__{configuration}"
+    return Path(os.environ["nnUNet_results"]) / dataset_folder / f"{TRAINER_NAME}__{plans_identifier}__{configuration}"
 
 
 def build_trainer(settings: TrainSettings, device: torch.device) -> nnUNetTrainer:
@@ -395,8 +392,8 @@ def _ddp_worker(rank: int, world_size: int, settings: TrainSettings, paths: dict
         dist.destroy_process_group()
 
 
-def train_fold_ddp(settings: TrainSettings, num_gpus: int) -> Path:
-    """nnU-Net's DDP training on ``num_gpus`` GPUs of this machine (CUDA only). Returns the fold's output folder."""
+def train_fold_ddp(settings: TrainSettings, num_gpus: int) -> None:
+    """nnU-Net's DDP training on ``num_gpus`` GPUs of this machine (CUDA only)."""
     import socket
 
     import torch
@@ -412,9 +409,6 @@ def train_fold_ddp(settings: TrainSettings, num_gpus: int) -> Path:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     paths = {v: os.environ[v] for v in PATH_VARS}
     mp.spawn(_ddp_worker, args=(num_gpus, settings, paths), nprocs=num_gpus, join=True)
-    return model_folder(settings.dataset_id, settings.configuration, settings.plans_identifier) / (
-        f"fold_{settings.fold}"
-    )
 
 
 # ----------------------------------------------------------------------------------------------------- inference

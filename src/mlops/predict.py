@@ -6,7 +6,6 @@ In a folder, a bad file is reported and skipped; the others are still segmented,
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
         return Path(override)
     if cfg.predict.get("model_dir"):
         return Path(cfg.predict.model_dir)
-    from mlops.train import export_paths, prepared_dataset
+    from mlops.train import export_paths, model_dir_for, prepared_dataset
 
     export_paths(cfg)
     try:
@@ -48,8 +47,7 @@ def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
         from mlops.prepare import dataset_identity
 
         identity = dataset_identity(cfg)
-    results = Path(os.environ["nnUNet_results"]) / identity.folder
-    return results / f"{nnunet.TRAINER_NAME}__{cfg.prepare.plans_identifier}__{cfg.train.configuration}"
+    return model_dir_for(cfg, identity)
 
 
 def load_segmenter(cfg: DictConfig, folder: Path) -> nnunet.Segmenter:

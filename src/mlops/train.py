@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlops import nnunet
 from mlops.config import save_config
 from mlops.errors import ConfigError, DatasetError
-from mlops.evaluate import DiceReport, from_nnunet_summary, labels_from_dataset_json
+from mlops.evaluate import DiceReport, from_nnunet_summary, labels_from_dataset_json, write_report
 from mlops.logs import add_file_sink
 from mlops.prepare import DatasetIdentity, dataset_identity
 from mlops.progress import progress_bar
@@ -90,6 +90,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def model_dir_for(cfg: DictConfig, identity: DatasetIdentity) -> Path:
+    """Where `mlops train` writes this dataset's model for ``train.configuration``."""
+    return nnunet.model_folder(identity.folder, str(cfg.train.configuration), str(cfg.prepare.plans_identifier))
+
+
+def validation_report(
+    cfg: DictConfig, identity: DatasetIdentity, pre_dir: Path, fold: int | str
+) -> tuple[DiceReport, Path]:
+    """nnU-Net's validation of ``fold`` as a Dice report, also written under ``evaluate.output_dir``."""
+    summary = model_dir_for(cfg, identity) / f"fold_{fold}" / "validation" / "summary.json"
+    report = from_nnunet_summary(summary, labels_from_dataset_json(pre_dir / "dataset.json"))
+    stem = f"validation_{identity.folder}_{cfg.train.configuration}_fold{fold}"
+    return report, write_report(report, Path(cfg.evaluate.output_dir), stem)
+
+
 def _epoch_line(m: nnunet.EpochMetrics) -> str:
     dice = ", ".join(f"{d:.3f}" for d in m.pseudo_dice)
     return (
@@ -126,7 +141,7 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
         validate=bool(t.validate),
         save_probabilities=bool(t.save_probabilities),
     )
-    model_dir = nnunet.model_folder(identity.id, settings.configuration, settings.plans_identifier)
+    model_dir = model_dir_for(cfg, identity)
     out = model_dir / f"fold_{fold}"
     out.mkdir(parents=True, exist_ok=True)
     sink = add_file_sink(out / "mlops_train.log")
@@ -180,10 +195,8 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
                     on_start=lambda epoch: bar.update(task, completed=epoch * settings.iterations_per_epoch),
                 )
         report, report_file = None, None
-        summary = out / "validation" / "summary.json"
-        if settings.validate and summary.is_file():
-            report = from_nnunet_summary(summary, labels)
-            report_file = write_report(cfg, report, f"validation_{identity.folder}_{settings.configuration}_fold{fold}")
+        if settings.validate and (out / "validation" / "summary.json").is_file():
+            report, report_file = validation_report(cfg, identity, pre_dir, fold)
             logger.info(f"Validation Dice: {report.mean} (foreground mean {report.foreground_mean})")
             tracker.summary({f"final/dice/{k}": v for k, v in report.mean.items()})
             tracker.summary({"final/dice/foreground_mean": report.foreground_mean})
@@ -213,10 +226,3 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
     finally:
         tracker.finish(exit_code)
         logger.remove(sink)
-
-
-def write_report(cfg: DictConfig, report: DiceReport, stem: str) -> Path:
-    path = Path(cfg.evaluate.output_dir) / f"{stem}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.to_json())
-    return path
