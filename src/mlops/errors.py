@@ -35,3 +35,7 @@ class DownloadError(MlopsError):
 
 class PipelineError(MlopsError):
     """nnU-Net's planning, preprocessing, training or inference failed."""
+
+
+class Cancelled(MlopsError):
+    """Work was cancelled on purpose (a client disconnected, a time limit passed, the service is shutting down)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from mlops.errors import PipelineError
+from mlops.errors import Cancelled, PipelineError
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `mlops --help` must not pay for torch
     import numpy as np
@@ -481,9 +481,22 @@ class Segmenter:
         self.labels = {int(v): k for k, v in p.dataset_json["labels"].items() if isinstance(v, int)}
         self._preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
         self._lock = threading.Lock()
+        # The spacing (mm, nibabel's i, j, k order) the network works at: inputs are resampled to it, so the cost
+        # of a request is its physical extent divided by this, not its voxel count.
+        self.target_spacing = tuple(float(s) for s in reversed(p.configuration_manager.spacing))
+        self.patch_size = tuple(int(s) for s in reversed(p.configuration_manager.patch_size))
 
-    def segment(self, image: np.ndarray, spacing: tuple[float, ...], tta: bool | None = None) -> np.ndarray:
-        """Segment ``image`` (i, j, k[, c]) with voxel ``spacing`` (i, j, k); returns uint8 labels (i, j, k)."""
+    def segment(
+        self,
+        image: np.ndarray,
+        spacing: tuple[float, ...],
+        tta: bool | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> np.ndarray:
+        """Segment ``image`` (i, j, k[, c]) with voxel ``spacing`` (i, j, k); returns uint8 labels (i, j, k).
+
+        ``cancel`` is polled between units of work (tiles); when it returns True, :class:`Cancelled` is raised.
+        """
         import numpy as np
         import torch
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
@@ -493,6 +506,8 @@ class Segmenter:
         props = {"spacing": [float(s) for s in reversed(spacing[:3])]}
         p = self.predictor
         with self._lock:
+            if cancel is not None and cancel():
+                raise Cancelled("segmentation cancelled before it started")
             p.use_mirroring = self.default_tta if tta is None else tta
             pre, _, props = self._preprocessor.run_case_npy(
                 data, None, props, p.plans_manager, p.configuration_manager, p.dataset_json
