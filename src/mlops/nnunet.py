@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from mlops.errors import Cancelled, PipelineError
+from mlops.errors import PipelineError
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `mlops --help` must not pay for torch
     import numpy as np
@@ -412,6 +412,8 @@ def train_fold_ddp(settings: TrainSettings, num_gpus: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- inference
+# The engine in ``mlops.inference`` runs the network; everything that decides the answer (preprocessing, tiling,
+# Gaussian weighting, resampling back, argmax, un-cropping) is nnU-Net's own code, called from here.
 def available_folds(model_dir: Path, checkpoint: str = "checkpoint_final.pth") -> list[int | str]:
     """Folds of a trained model folder that have ``checkpoint``."""
     folds: list[int | str] = []
@@ -422,99 +424,161 @@ def available_folds(model_dir: Path, checkpoint: str = "checkpoint_final.pth") -
     return folds
 
 
-class Segmenter:
-    """nnU-Net's predictor, loaded once and kept warm; segments one volume at a time, in memory.
+@dataclass
+class TrainedNetwork:
+    """A trained nnU-Net model as the engine needs it, loaded once.
 
-    Arrays come in and go out in nibabel's voxel order (i, j, k). nnU-Net was planned with SimpleITK's reader, whose
-    arrays are (k, j, i) with reversed spacing, so both are transposed at this boundary (as nnU-Net's docs require).
-    Calls are serialised: one volume already uses every core (or the GPU), so parallel calls would only contend.
+    Axis order is nnU-Net's (SimpleITK's z, y, x) for everything here; the engine transposes at its edge.
     """
 
-    def __init__(
-        self,
-        model_dir: Path,
-        folds: list[int | str] | None = None,
-        checkpoint: str = "checkpoint_final.pth",
-        device: str = "auto",
-        tta: bool = True,
-        tile_step_size: float = 0.5,
-    ) -> None:
-        import threading
+    model_dir: Path
+    folds: list[int | str]
+    checkpoint: str
+    network: torch.nn.Module  # fp32, eval mode, on the CPU, first fold's weights loaded
+    fold_weights: list[dict]
+    patch_size: tuple[int, ...]
+    mirror_axes: tuple[int, ...]  # spatial axes nnU-Net mirrors at inference (0-based)
+    num_channels: int
+    num_classes: int  # segmentation heads (logit channels)
+    labels: dict[int, str]
+    target_spacing: tuple[float, ...]
+    trainer_name: str
+    plans_manager: object
+    configuration_manager: object
+    label_manager: object
+    dataset_json: dict
+    preprocessor: object
 
-        import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    def checkpoint_files(self) -> list[Path]:
+        return [self.model_dir / f"fold_{f}" / self.checkpoint for f in self.folds]
 
-        model_dir = Path(model_dir)
-        if not (model_dir / "plans.json").is_file():
-            raise PipelineError(
-                f"{model_dir}: no trained nnU-Net model here (no plans.json); train one with `mlops train --fold 0`"
+
+def load_trained_network(model_dir: Path, folds: list[int | str] | None, checkpoint: str) -> TrainedNetwork:
+    """Load a model folder with nnU-Net's own loader (architecture from the plans, weights of every fold)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "plans.json").is_file():
+        raise PipelineError(
+            f"{model_dir}: no trained nnU-Net model here (no plans.json); train one with `mlops train --fold 0`"
+        )
+    found = available_folds(model_dir, checkpoint)
+    folds = found if folds is None else list(folds)
+    missing = [f for f in folds if f not in found]
+    if not folds or missing:
+        raise PipelineError(
+            f"{model_dir}: no {checkpoint} for fold(s) {missing or folds} (available: {found or 'none'}); "
+            "train them with `mlops train --fold N`"
+        )
+    try:
+        with nnunet_output_to_log():
+            loader = nnUNetPredictor(
+                device=torch.device("cpu"), perform_everything_on_device=False, verbose=False, allow_tqdm=False
             )
-        found = available_folds(model_dir, checkpoint)
-        folds = found if folds is None else list(folds)
-        missing = [f for f in folds if f not in found]
-        if not folds or missing:
-            raise PipelineError(
-                f"{model_dir}: no {checkpoint} for fold(s) {missing or folds} (available: {found or 'none'}); "
-                "train them with `mlops train --fold N`"
-            )
-        self.device = resolve_device(device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
-        try:
-            with nnunet_output_to_log():
-                self.predictor = nnUNetPredictor(
-                    tile_step_size=tile_step_size,
-                    use_gaussian=True,
-                    use_mirroring=tta,
-                    perform_everything_on_device=self.device.type == "cuda",
-                    device=self.device,
-                    verbose=False,
-                    verbose_preprocessing=False,
-                    allow_tqdm=False,
-                )
-                self.predictor.initialize_from_trained_model_folder(str(model_dir), tuple(folds), checkpoint)
-        except Exception as exc:
-            raise PipelineError(f"{model_dir}: cannot load the nnU-Net model ({type(exc).__name__}: {exc})") from exc
-        self.model_dir, self.folds, self.default_tta = model_dir, folds, tta
-        p = self.predictor
-        self.num_channels = len(p.dataset_json["channel_names"])
-        self.labels = {int(v): k for k, v in p.dataset_json["labels"].items() if isinstance(v, int)}
-        self._preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
-        self._lock = threading.Lock()
-        # The spacing (mm, nibabel's i, j, k order) the network works at: inputs are resampled to it, so the cost
-        # of a request is its physical extent divided by this, not its voxel count.
-        self.target_spacing = tuple(float(s) for s in reversed(p.configuration_manager.spacing))
-        self.patch_size = tuple(int(s) for s in reversed(p.configuration_manager.patch_size))
+            loader.initialize_from_trained_model_folder(str(model_dir), tuple(folds), checkpoint)
+    except Exception as exc:
+        raise PipelineError(f"{model_dir}: cannot load the nnU-Net model ({type(exc).__name__}: {exc})") from exc
+    cm = loader.configuration_manager
+    network = loader.network.eval()
+    return TrainedNetwork(
+        model_dir=model_dir,
+        folds=folds,
+        checkpoint=checkpoint,
+        network=network,
+        fold_weights=loader.list_of_parameters,
+        patch_size=tuple(int(s) for s in cm.patch_size),
+        mirror_axes=tuple(loader.allowed_mirroring_axes or ()),
+        num_channels=len(loader.dataset_json["channel_names"]),
+        num_classes=int(loader.label_manager.num_segmentation_heads),
+        labels={int(v): k for k, v in loader.dataset_json["labels"].items() if isinstance(v, int)},
+        target_spacing=tuple(float(s) for s in cm.spacing),
+        trainer_name=loader.trainer_name,
+        plans_manager=loader.plans_manager,
+        configuration_manager=cm,
+        label_manager=loader.label_manager,
+        dataset_json=loader.dataset_json,
+        preprocessor=cm.preprocessor_class(verbose=False),
+    )
 
-    def segment(
-        self,
-        image: np.ndarray,
-        spacing: tuple[float, ...],
-        tta: bool | None = None,
-        cancel: Callable[[], bool] | None = None,
-    ) -> np.ndarray:
-        """Segment ``image`` (i, j, k[, c]) with voxel ``spacing`` (i, j, k); returns uint8 labels (i, j, k).
 
-        ``cancel`` is polled between units of work (tiles); when it returns True, :class:`Cancelled` is raised.
-        """
-        import numpy as np
-        import torch
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+def preprocess(model: TrainedNetwork, data: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, dict]:
+    """nnU-Net's preprocessing of one case: ``data`` is (c, z, y, x) float32, ``spacing`` (z, y, x) in mm."""
+    props = {"spacing": [float(s) for s in spacing]}
+    pre, _, props = model.preprocessor.run_case_npy(
+        data, None, props, model.plans_manager, model.configuration_manager, model.dataset_json
+    )
+    return pre, props
 
-        data = image[..., None] if image.ndim == 3 else image
-        data = np.ascontiguousarray(data.transpose(3, 2, 1, 0), dtype=np.float32)  # -> (c, k, j, i)
-        props = {"spacing": [float(s) for s in reversed(spacing[:3])]}
-        p = self.predictor
-        with self._lock:
-            if cancel is not None and cancel():
-                raise Cancelled("segmentation cancelled before it started")
-            p.use_mirroring = self.default_tta if tta is None else tta
-            pre, _, props = self._preprocessor.run_case_npy(
-                data, None, props, p.plans_manager, p.configuration_manager, p.dataset_json
-            )
-            with torch.no_grad():
-                logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(pre).float()).cpu()
-            seg = convert_predicted_logits_to_segmentation_with_correct_shape(
-                logits, p.plans_manager, p.configuration_manager, p.label_manager, props, return_probabilities=False
-            )
-        return np.ascontiguousarray(np.asarray(seg).transpose(2, 1, 0)).astype(np.uint8)
+
+def gaussian_weights(patch_size: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """nnU-Net's Gaussian importance map for a tile (computed in half precision, as nnU-Net does), as fp32."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    half = compute_gaussian(tuple(patch_size), sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
+    return half.float()
+
+
+def tile_starts(shape: tuple[int, ...], patch_size: tuple[int, ...], step: float) -> list[list[int]]:
+    """nnU-Net's tile positions per axis for an image of ``shape`` (already padded to at least the patch)."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    return compute_steps_for_sliding_window(tuple(shape), tuple(patch_size), step)
+
+
+def pad_to_patch(data: torch.Tensor, patch_size: tuple[int, ...]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad (c, z, y, x) up to the patch size where smaller (nnU-Net's padding); returns the un-padding slicer."""
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    padded, revert = pad_nd_image(data, tuple(patch_size), "constant", {"value": 0}, True, None)
+    return padded, tuple(revert)
+
+
+def logits_to_segmentation(
+    model: TrainedNetwork, logits: torch.Tensor, props: dict, probabilities: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """nnU-Net's export: resample logits to the input spacing, argmax (or softmax), undo cropping and transpose."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    return convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits.cpu(),
+        model.plans_manager,
+        model.configuration_manager,
+        model.label_manager,
+        props,
+        return_probabilities=probabilities,
+        num_threads_torch=max(1, torch_threads()),
+    )
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def nnunet_predictor(model: TrainedNetwork, device: torch.device, tta: bool, tile_step_size: float) -> object:
+    """nnU-Net's own ``nnUNetPredictor`` on an already loaded model (``predict.backend=nnunet``, for comparison)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    with nnunet_output_to_log():
+        predictor = nnUNetPredictor(
+            tile_step_size=tile_step_size,
+            use_gaussian=True,
+            use_mirroring=tta,
+            perform_everything_on_device=device.type == "cuda",
+            device=device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        predictor.manual_initialization(
+            model.network,
+            model.plans_manager,
+            model.configuration_manager,
+            model.fold_weights,
+            model.dataset_json,
+            model.trainer_name,
+            model.mirror_axes or None,
+        )
+    return predictor

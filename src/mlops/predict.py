@@ -15,8 +15,8 @@ import nibabel as nib
 from loguru import logger
 from omegaconf import DictConfig
 
-from mlops import nnunet
-from mlops.errors import MlopsError, PipelineError
+from mlops.errors import ConfigError, MlopsError, PipelineError
+from mlops.inference import Segmenter
 from mlops.progress import track
 from mlops.volumes import InputError, check_volume, label_volumes, load_nifti, segmentation_like
 
@@ -50,7 +50,7 @@ def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
     return model_dir_for(cfg, identity)
 
 
-def load_segmenter(cfg: DictConfig, folder: Path) -> nnunet.Segmenter:
+def load_segmenter(cfg: DictConfig, folder: Path) -> Segmenter:
     if not (folder / "plans.json").is_file():
         raise PipelineError(
             f"no trained model in {folder}; train one with `mlops train --fold 0` "
@@ -58,16 +58,35 @@ def load_segmenter(cfg: DictConfig, folder: Path) -> nnunet.Segmenter:
         )
     folds = None if cfg.predict.folds is None else [f if f == "all" else int(f) for f in cfg.predict.folds]
     t0 = time.perf_counter()
-    seg = nnunet.Segmenter(
+    seg = Segmenter(
         folder,
         folds=folds,
         checkpoint=str(cfg.predict.checkpoint),
         device=str(cfg.predict.device),
         tta=bool(cfg.predict.tta),
         tile_step_size=float(cfg.predict.tile_step_size),
+        backend=str(cfg.predict.get("backend", "auto")),
+        precision=str(cfg.predict.get("precision", "auto")),
+        max_batch=cfg.predict.get("max_batch"),
     )
-    logger.info(f"Loaded {folder.name} folds {seg.folds} on {seg.device} in {time.perf_counter() - t0:.1f} s")
+    logger.info(
+        f"Loaded {folder.name} folds {seg.folds} on {seg.device} ({seg.backend}, {seg.precision}) "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     return seg
+
+
+def parse_folds(text: str) -> list[int | str]:
+    """``0,1,2`` or ``all`` -> fold ids, with a clear error for anything else."""
+    folds: list[int | str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if item == "all":
+            folds.append(item)
+        elif item.isdigit():
+            folds.append(int(item))
+        else:
+            raise ConfigError(f"--folds {text!r}: expected comma-separated fold numbers (0,1,2) or 'all'")
+    return folds
 
 
 def output_name(path: Path) -> str:
@@ -77,7 +96,7 @@ def output_name(path: Path) -> str:
 
 
 def segment_file(
-    segmenter: nnunet.Segmenter, src: Path, dst: Path, max_voxels: int | None, tta: bool | None
+    segmenter: Segmenter, src: Path, dst: Path, max_voxels: int | None, tta: bool | None
 ) -> CasePrediction:
     t0 = time.perf_counter()
     img = load_nifti(src, max_voxels)

@@ -1,0 +1,208 @@
+"""The inference engine: our sliding window gives nnU-Net's answer; exports, backends and precisions; cancellation.
+
+The reference is nnU-Net's own ``nnUNetPredictor`` (``predict.backend=nnunet``) on the same loaded weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from mlops import nnunet
+from mlops.errors import Cancelled, PipelineError
+from mlops.inference import Segmenter
+from mlops.inference.backends import cpu_has_bf16, openvino_has_bf16
+
+from .conftest import TrainedModel, run_mlops
+
+
+def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
+    x, y = a == label, b == label
+    total = int(x.sum() + y.sum())
+    return 1.0 if total == 0 else 2.0 * float((x & y).sum()) / total
+
+
+def load_cases(folder: Path) -> list[tuple[str, np.ndarray, tuple[float, ...]]]:
+    cases = []
+    for path in sorted(folder.glob("*.nii.gz")):
+        img = nib.load(path)
+        cases.append((path.name, np.asanyarray(img.dataobj), tuple(float(z) for z in img.header.get_zooms()[:3])))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def exported(trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the synthetic model with ONNX + OpenVINO exports, written by the real `mlops export`."""
+    model = tmp_path_factory.mktemp("exported") / trained_synth.model_dir.name
+    shutil.copytree(trained_synth.model_dir, model)
+    proc = run_mlops("export", "--model", str(model), env=trained_synth.workspace.env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stamp = json.loads((model / "fold_0" / "export" / "export.json").read_text())
+    assert stamp["formats"] == ["onnx", "openvino"] and len(stamp["checkpoint_sha256"]) == 64
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(trained_synth: TrainedModel) -> Segmenter:
+    return Segmenter(trained_synth.model_dir, backend="nnunet", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def expected(reference: Segmenter) -> Callable[..., tuple[np.ndarray, torch.Tensor]]:
+    """nnU-Net's labels and logits for a case, computed once per case and mirroring setting (the slow part)."""
+    cache: dict[tuple[str, bool], tuple[np.ndarray, torch.Tensor]] = {}
+
+    def run(name: str, data: np.ndarray, spacing: tuple[float, ...], tta: bool = True) -> tuple[np.ndarray, Any]:
+        if (name, tta) not in cache:
+            prepared = reference.prepare(data, spacing)
+            logits = reference.logits(prepared, tta)
+            cache[name, tta] = reference.finish(prepared, logits), logits.float()
+        return cache[name, tta]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def synth_cases(synth_task: Path) -> list[tuple[str, np.ndarray, tuple[float, ...]]]:
+    """The synthetic test cases, plus one enlarged 1.6x at the same spacing (a wider field of view): many tiles."""
+    cases = load_cases(synth_task / "imagesTs")
+    name, data, spacing = cases[0]
+    big = ndimage.zoom(data.astype(np.float32), (1.6, 1.6, 1.6), order=1)
+    return [*cases, ("big_" + name, big, spacing)]
+
+
+def tile_coverage(seg: Segmenter, prepared: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Number of tiles and the summed Gaussian weight per voxel of nnU-Net's sliding window over ``prepared``."""
+    patch = seg.model.patch_size
+    padded, revert = nnunet.pad_to_patch(prepared, patch)
+    starts = nnunet.tile_starts(tuple(padded.shape[1:]), patch, seg.tile_step_size)
+    gaussian = nnunet.gaussian_weights(patch, torch.device("cpu"))
+    weights = torch.zeros(padded.shape[1:])
+    corners = list(itertools.product(*starts))
+    for corner in corners:
+        weights[tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))] += gaussian
+    return len(corners), weights[revert[1:]]
+
+
+@pytest.mark.parametrize("tta", [True, False], ids=["mirroring", "no-mirroring"])
+def test_fp32_torch_gives_nnunet_labels(
+    trained_synth: TrainedModel, expected: Callable, synth_cases: list, tta: bool
+) -> None:
+    """Same labels voxel for voxel on single-tile cases; on many tiles, equal up to nnU-Net's own float16 rounding.
+
+    nnU-Net sums Gaussian-weighted tiles into a float16 array even on CPU; we sum in float32. Where a tile's Gaussian
+    weight is tiny (its rim), float16 products lose most of their bits (subnormals), so nnU-Net's logits there are
+    off by up to about 0.3 and can flip a near-tied voxel. So on the many-tile case the logits must agree to float16
+    precision wherever the summed weight is at least 0.01 (of a peak of 10), and the labels on all but 0.01% of voxels.
+    Every real hippocampus scan fits in one tile: there the labels must be identical.
+    """
+    ours = Segmenter(trained_synth.model_dir, backend="torch", precision="fp32", device="cpu", max_batch=32)
+    assert (ours.backend, ours.precision) == ("torch", "fp32")
+    most_tiles = 0
+    for name, data, spacing in synth_cases:
+        theirs_labels, theirs = expected(name, data, spacing, tta)
+        got = ours.segment(data, spacing, tta=tta)
+        assert got.shape == data.shape and got.dtype == np.uint8
+        assert (theirs_labels > 0).any(), f"{name}: the reference segments nothing; the comparison would be empty"
+        prepared = ours.prepare(data, spacing)
+        tiles, weights = tile_coverage(ours, prepared.data)
+        most_tiles = max(most_tiles, tiles)
+        if tiles == 1:
+            np.testing.assert_array_equal(got, theirs_labels, err_msg=name)
+            continue
+        mine = ours.logits(prepared, tta)
+        well_covered = (weights >= 0.01).expand_as(mine)
+        assert well_covered.float().mean() > 0.5, (name, float(well_covered.float().mean()))
+        diff = (theirs - mine).abs()[well_covered]
+        assert float(diff.max()) <= 4e-3 * float(mine.abs().max()), (name, float(diff.max()))
+        flipped = int((got != theirs_labels).sum())
+        assert flipped <= max(3, got.size // 10_000), (name, flipped)
+    assert most_tiles > 4, "the big case must span several tiles"
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision"),
+    [("openvino", "fp32"), ("onnxruntime", "fp32"), ("openvino", "bf16"), ("torch", "bf16")],
+)
+def test_exported_backends_agree_with_nnunet(
+    exported: Path, expected: Callable, synth_cases: list, backend: str, precision: str
+) -> None:
+    if precision == "bf16" and not (openvino_has_bf16() if backend == "openvino" else cpu_has_bf16()):
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is refused (test_bf16_refused_without_it)")
+    ours = Segmenter(exported, backend=backend, precision=precision, device="cpu")
+    for name, data, spacing in synth_cases:
+        theirs, got = expected(name, data, spacing)[0], ours.segment(data, spacing)
+        for label in ours.labels:
+            if label:
+                assert dice(got, theirs, label) >= 0.99, (name, backend, precision, label)
+        if precision == "fp32":
+            assert (got != theirs).mean() < 1e-4, (name, backend, int((got != theirs).sum()))
+
+
+def test_auto_picks_openvino_fp32_when_exported(exported: Path, trained_synth: TrainedModel) -> None:
+    assert (Segmenter(exported, device="cpu").backend, Segmenter(exported, device="cpu").precision) == (
+        "openvino",
+        "fp32",
+    )
+    plain = Segmenter(trained_synth.model_dir, device="cpu")
+    assert (plain.backend, plain.precision) == ("torch", "fp32")
+
+
+def test_missing_and_stale_exports_are_explained(
+    exported: Path, trained_synth: TrainedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(PipelineError, match=r"no openvino export .*\(run `mlops export`\)"):
+        Segmenter(trained_synth.model_dir, backend="openvino", device="cpu")
+    stale = tmp_path / exported.name
+    shutil.copytree(exported, stale)
+    stamp_file = stale / "fold_0" / "export" / "export.json"
+    stamp = json.loads(stamp_file.read_text())
+    stamp["checkpoint_sha256"] = "0" * 64  # as if checkpoint_final.pth had been retrained after the export
+    stamp_file.write_text(json.dumps(stamp))
+    with pytest.raises(PipelineError, match="stale export"):
+        Segmenter(stale, backend="openvino", device="cpu")
+    assert Segmenter(stale, device="cpu").backend == "torch"  # auto falls back, and says why (logged)
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision", "message"),
+    [("tensorrt", "fp32", "choose one of"), ("torch", "fp8", "choose one of"), ("torch", "fp16", "needs a CUDA")],
+)
+def test_invalid_choices(trained_synth: TrainedModel, backend: str, precision: str, message: str) -> None:
+    with pytest.raises(PipelineError, match=message):
+        Segmenter(trained_synth.model_dir, backend=backend, precision=precision, device="cpu")
+
+
+def test_cancel_stops_between_tiles(trained_synth: TrainedModel, synth_cases: list) -> None:
+    seg = Segmenter(trained_synth.model_dir, backend="torch", device="cpu", max_batch=8)
+    _, data, spacing = synth_cases[-1]
+    polls: list[int] = []
+
+    def cancel() -> bool:
+        polls.append(1)
+        return len(polls) >= 3  # let two passes run, stop at the third
+
+    with pytest.raises(Cancelled):
+        seg.segment(data, spacing, cancel=cancel)
+    assert len(polls) == 3
+    assert seg.segment(data, spacing, tta=False).shape == data.shape  # the segmenter is still usable afterwards
+
+
+def test_bf16_refused_without_native_support(exported: Path) -> None:
+    """Emulated bf16 took 184 s for one patch here (fp32: ~0.2 s): refuse it with the reason instead."""
+    for backend, native in (("torch", cpu_has_bf16()), ("openvino", openvino_has_bf16())):
+        if native:
+            assert Segmenter(exported, backend=backend, precision="bf16", device="cpu").precision == "bf16"
+        else:
+            with pytest.raises(PipelineError, match="no native bf16"):
+                Segmenter(exported, backend=backend, precision="bf16", device="cpu")
