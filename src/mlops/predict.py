@@ -18,9 +18,18 @@ from omegaconf import DictConfig
 from mlops import nnunet
 from mlops.errors import MlopsError, PipelineError
 from mlops.progress import track
-from mlops.volumes import InputError, check_volume, label_volumes, load_nifti, segmentation_like
+from mlops.volumes import (
+    Budget,
+    InputError,
+    ModelGrid,
+    check_volume,
+    is_nifti_name,
+    label_volumes,
+    load_nifti,
+    segmentation_like,
+)
 
-CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$")
+CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$", re.IGNORECASE)
 
 
 @dataclass
@@ -73,15 +82,21 @@ def load_segmenter(cfg: DictConfig, folder: Path) -> nnunet.Segmenter:
 def output_name(path: Path) -> str:
     """nnU-Net's convention: ``case_0000.nii.gz`` (channel 0) is segmented as ``case.nii.gz``."""
     name = CHANNEL_SUFFIX.sub(r"\1", path.name)
-    return name if name.endswith(".gz") else name + ".gz"
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+    return stem + ".nii.gz"
 
 
 def segment_file(
-    segmenter: nnunet.Segmenter, src: Path, dst: Path, max_voxels: int | None, tta: bool | None
+    segmenter: nnunet.Segmenter,
+    src: Path,
+    dst: Path,
+    max_voxels: int | None,
+    tta: bool | None,
+    budget: Budget | None = None,
 ) -> CasePrediction:
     t0 = time.perf_counter()
-    img = load_nifti(src, max_voxels)
-    data = check_volume(img, str(src), segmenter.num_channels)
+    img = load_nifti(src, max_voxels, budget)
+    data = check_volume(img, str(src), segmenter.num_channels, budget)
     seg = segmenter.segment(data, tuple(float(z) for z in img.header.get_zooms()[:3]), tta=tta)
     out = segmentation_like(seg, img)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -100,9 +115,7 @@ def predict(
     if not source.exists():
         raise InputError(f"{source}: no such file or folder", 400)
     if source.is_dir():
-        inputs = sorted(
-            p for p in source.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
-        )
+        inputs = sorted(p for p in source.iterdir() if is_nifti_name(p.name) and not p.name.startswith("."))
         if not inputs:
             raise InputError(f"{source}: no .nii or .nii.gz files", 400)
         out_dir = output or source.with_name(source.name + "_seg")
@@ -114,16 +127,26 @@ def predict(
         targets = [(source, output or default)]
     segmenter = load_segmenter(cfg, model_dir(cfg, model))
     max_voxels = int(cfg.predict.max_voxels) if cfg.predict.get("max_voxels") else None
+    budget = None
+    if cfg.predict.get("max_request_mib"):
+        budget = Budget(ModelGrid.of(segmenter), int(float(cfg.predict.max_request_mib) * 2**20))
     results, failures = [], []
     for src, dst in track(targets, "Segmenting", total=len(targets)):
         try:
-            results.append(segment_file(segmenter, src, dst, max_voxels, tta))
+            results.append(segment_file(segmenter, src, dst, max_voxels, tta, budget))
             logger.debug(f"{src.name} -> {dst} in {results[-1].seconds:.2f} s")
         except InputError as exc:
             if len(targets) == 1:
                 raise
             logger.error(str(exc))
             failures.append(str(exc))
+        except Exception as exc:  # one odd file must not stop a folder: report it, go on (details with --verbose)
+            if len(targets) == 1:
+                raise
+            message = f"{src}: segmentation failed ({type(exc).__name__})"
+            logger.opt(exception=exc).debug(message)
+            logger.error(message)
+            failures.append(message)
     if failures:
         raise InputError(
             f"{len(failures)} of {len(targets)} file(s) could not be segmented:\n  - " + "\n  - ".join(failures)
