@@ -334,15 +334,13 @@ def serve(
     port: int = typer.Option(None, "--port", help="Port (default: $PORT, else serve.port)."),
 ) -> None:
     """Run the segmentation API (FastAPI + uvicorn): POST /predict, /health, /ready, /metrics, /docs."""
-    import uvicorn
-
-    from mlops.api import create_app
+    from mlops.api import create_app, run_server
 
     _, overrides = split_args(args, max_positional=0)
     cfg = compose(overrides, **{"serve.host": host, "serve.port": port})
     app_ = create_app(cfg)
     intercept_stdlib_logging()
-    uvicorn.run(app_, host=str(cfg.serve.host), port=int(cfg.serve.port), log_config=None, access_log=False)
+    run_server(app_, cfg)
 
 
 @app.command()
