@@ -180,6 +180,16 @@ def inspect_header(header: nib.Nifti1Header, name: str) -> HeaderInfo:
     pixdim = [float(p) for p in header["pixdim"][1 : 1 + min(3, len(shape))]]
     if not all(np.isfinite(p) and p > 0 for p in pixdim):
         raise InputError(f"{name}: voxel spacing (pixdim) {pixdim} must be positive and finite")
+    codes = sorted(nib.nifti1.xform_codes.value_set())
+    for field in ("qform_code", "sform_code"):
+        if int(header[field]) not in codes:
+            raise InputError(f"{name}: {field} {int(header[field])} is not a NIfTI transform code {codes}", 400)
+    quatern = [float(header[f]) for f in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")]
+    srows = [float(v) for f in ("srow_x", "srow_y", "srow_z") for v in header[f]]
+    if not all(np.isfinite(v) for v in quatern + srows):
+        raise InputError(f"{name}: the orientation (quatern_*, qoffset_*, srow_*) holds NaN or infinite values", 400)
+    if sum(q * q for q in quatern[:3]) > 1 + 1e-6:
+        raise InputError(f"{name}: quatern_b/c/d {quatern[:3]} are not a unit quaternion", 400)
     slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
     scaled = False
     if not (np.isnan(slope) or slope == 0):  # NIfTI: slope 0 or NaN means unscaled
@@ -309,7 +319,10 @@ def to_gzip_bytes(img: nib.Nifti1Image, level: int = 6) -> bytes:
 
 
 def voxel_volume_mm3(img: nib.Nifti1Image) -> float:
-    unit = img.header.get_xyzt_units()[0] or "unknown"
+    try:
+        unit = img.header.get_xyzt_units()[0] or "unknown"
+    except KeyError:  # a unit code NIfTI does not define: taken as mm, like "unknown"
+        unit = "unknown"
     scale = MM_PER_UNIT.get(unit, 1.0)
     return float(np.prod([float(z) * scale for z in img.header.get_zooms()[:3]]))
 
