@@ -273,6 +273,12 @@ def test_metrics_documented_as_text(server: Server) -> None:
     assert httpx.get(f"{server.url}/metrics").headers["content-type"].startswith("text/plain")
 
 
+def test_serve_leaves_no_wandb_temp_folders(server: Server) -> None:
+    """Importing wandb (nnU-Net's logger offers it) made wandb-media/wandb-artifacts in $TMPDIR on every start."""
+    tmpdir = server.log.with_suffix("")
+    assert tmpdir.is_dir() and not list(tmpdir.glob("*wandb*"))
+
+
 # ------------------------------------------------------------------------- mutated headers: API and CLI
 BOUNDARY: dict[str, list[object]] = {
     "sizeof_hdr": [0, -1, 347, 349, 540, 2**31 - 1],
@@ -282,7 +288,10 @@ BOUNDARY: dict[str, list[object]] = {
             (3, 1, 1, 1, 1, 1, 1, 1)],
     "datatype": [0, 1, 32, 128, 256, 1792, 2304, 9999, -1, 32767],
     "bitpix": [0, -1, 7, 32767],
-    "pixdim": [(1.0, s, 1.0, 1.0, 1, 1, 1, 1) for s in (0.0, -1.0, math.nan, math.inf, 1e-6, 300.0, 3.4e38)],
+    # on one axis where it is invalid, on all three where it is valid but costly (one 300 mm axis alone is 4800 x 16
+    # x 16 at the model's grid: inside the memory budget, bounded by serve.timeout_s, too slow for this test)
+    "pixdim": [(1.0, s, 1.0, 1.0, 1, 1, 1, 1) for s in (0.0, -1.0, math.nan, math.inf, 1e-6)]
+    + [(1.0, s, s, s, 1, 1, 1, 1) for s in (300.0, 3.4e38)],
     "vox_offset": [0.0, -1.0, math.nan, math.inf, 1e10, 347.0, 349.0, 3.4e38, 16384.0],
     "scl_slope": [math.nan, math.inf, -math.inf, 0.0, 3e38, -3e38, 1e-38],
     "scl_inter": [math.nan, math.inf, 3e38],
