@@ -34,9 +34,11 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+# Every tracked file through the local hooks of .pre-commit-config.yaml: ruff, YAML/JSON/TOML parsing, hygiene,
+# actionlint (+ shellcheck) on the workflows, check-jsonschema on the workflows and cloudbuild.yaml, hadolint on the
+# Dockerfiles, shellcheck on shell scripts, DVC's own validation of dvc.yaml. All from pinned packages in .venv.
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure --color=never
 
 format: install
 	$(BIN)/ruff check --fix src tests benchmarks
@@ -46,6 +48,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_drift.py
 	$(BIN)/python benchmarks/bench_predict.py
+	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_train.py
 
 clean:

@@ -206,3 +206,40 @@ def test_bf16_refused_without_native_support(exported: Path) -> None:
         else:
             with pytest.raises(PipelineError, match="no native bf16"):
                 Segmenter(exported, backend=backend, precision="bf16", device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_real_test_scans_parity(trained_real: TrainedModel, hippocampus: Path, tmp_path: Path) -> None:
+    """On the 30 real test scans: torch fp32 gives nnU-Net's labels exactly; every backend `auto` may pick on this
+    machine keeps per-case Dice >= 0.99 for every label and >= 0.995 on average against nnU-Net's own output."""
+    model = tmp_path / trained_real.model_dir.name
+    shutil.copytree(trained_real.model_dir, model)
+    proc = run_mlops("export", "--model", str(model), env=trained_real.workspace.env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = Segmenter(model, backend="nnunet", device="cpu")
+    exact = Segmenter(model, backend="torch", precision="fp32", device="cpu")
+    candidates = {
+        f"{s.backend} {s.precision}": s
+        for s in (
+            Segmenter(model, device="cpu"),  # what auto picks here
+            Segmenter(model, backend="openvino", precision="fp32", device="cpu"),
+            Segmenter(model, backend="onnxruntime", precision="fp32", device="cpu"),
+        )
+    }
+    cases = load_cases(hippocampus / "imagesTs")
+    assert len(cases) == 30
+    scores: dict[str, list[float]] = {k: [] for k in candidates}
+    segmented = 0
+    for name, data, spacing in cases:
+        theirs = reference.segment(data, spacing)
+        segmented += int((theirs > 0).any())
+        np.testing.assert_array_equal(exact.segment(data, spacing), theirs, err_msg=name)
+        for key, seg in candidates.items():
+            got = seg.segment(data, spacing)
+            per_label = [dice(got, theirs, label) for label in seg.labels if label]
+            assert min(per_label) >= 0.99, (name, key, per_label)
+            scores[key].extend(per_label)
+    assert segmented >= 25, "the model must segment most scans, or the comparison says little"
+    for key, values in scores.items():
+        assert float(np.mean(values)) >= 0.995, (key, float(np.mean(values)))

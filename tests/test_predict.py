@@ -71,6 +71,14 @@ def test_predict_folder_matches_per_file(trained_synth: TrainedModel, synth_task
     assert "Anterior" in proc.stdout and "synth_009" in proc.stdout
     for name in ("synth_008.nii.gz", "synth_009.nii.gz"):
         assert_same_geometry(tmp_path / "out" / name, synth_task / "imagesTs" / name)
+    # The folder path overlaps loading, the network and writing in three threads: same labels as one file alone.
+    single = tmp_path / "single.nii.gz"
+    case = synth_task / "imagesTs" / "synth_009.nii.gz"
+    proc = run_mlops(*predict_args(trained_synth, str(case), "-o", str(single)), env=trained_synth.workspace.env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(single).dataobj), np.asanyarray(nib.load(tmp_path / "out" / case.name).dataobj)
+    )
 
 
 @pytest.mark.real_data

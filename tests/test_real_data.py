@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mlops.cli import app
 
-from .conftest import Workspace, run_mlops
+from .conftest import TrainedModel, Workspace, run_mlops
 
 pytestmark = pytest.mark.real_data
 
@@ -71,20 +71,10 @@ def test_prepare_real_hippocampus_from_tar(
         assert (raw / "labelsTr" / src.name).read_bytes() == src.read_bytes()
 
 
-# Measured here on 2 CPU cores: batch 2 runs 1.15 s/iteration (batch 6: 4.5 s); 6 epochs x 25 iterations reached
-# Dice 0.52 (posterior) on the 34 validation cases, 0 (anterior: nnU-Net learns it later); chance is 0.028.
-# 8 epochs leave a margin for the non-deterministic data augmentation; the test takes about 6 minutes.
-REAL_TRAIN = ["train=quick", "train.epochs=8", "train.iterations_per_epoch=25", "train.val_iterations_per_epoch=2",
-              "train.batch_size=2", "train.device=cpu", "wandb.mode=disabled"]  # fmt: skip
-
-
 @pytest.mark.slow
-def test_brief_training_on_real_cases_beats_chance(hippocampus: Path, workspace: Workspace) -> None:
+def test_brief_training_on_real_cases_beats_chance(hippocampus: Path, trained_real: TrainedModel) -> None:
     """A few minutes of CPU training on the real scans, scored by nnU-Net's validation of fold 0 (34 real cases)."""
-    assert run_mlops("prepare", str(hippocampus), env=workspace.env()).returncode == 0
-    proc = run_mlops("train", "--fold", "0", "dataset.id=4", *REAL_TRAIN, env=workspace.env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fold = workspace.results / "Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres/fold_0"
+    fold = trained_real.fold_dir
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == 34
     # Chance: labelling voxels at random with each label's prevalence scores a Dice equal to that prevalence.

@@ -257,3 +257,49 @@ def test_training_on_gpu(prepared_synth: Workspace) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Device: cuda" in proc.stderr
+
+
+def test_resume_picks_the_interrupted_run_not_an_older_final(prepared_synth: Workspace) -> None:
+    """Issue 8 repro: a finished run, then a new longer run over it interrupted by SIGTERM, then --continue."""
+    fast = ["dataset.id=500", "train=quick", "train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1"]
+    fast += ["train.validate=false", "train.num_workers=0", "wandb.mode=disabled", "train.device=cpu"]
+    folder = prepared_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_4"
+    first = run_mlops("train", "--fold", "4", "train.epochs=1", *fast, env=prepared_synth.env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    exe = Path(sys.executable).parent / "mlops"
+    proc = subprocess.Popen(
+        [str(exe), "train", "--fold", "4", "train.epochs=200", *fast],
+        env=prepared_synth.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "Epoch 2/200" in (folder / "mlops_train.log").read_text():
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "held an earlier run" in stderr and "previous_runs" in stderr  # says what happened to the old run
+    (archived,) = (folder / "previous_runs").iterdir()
+    assert torch.load(archived / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 1
+    assert not (folder / "checkpoint_final.pth").exists()
+    resumed = run_mlops("train", "--fold", "4", "train.epochs=4", "--continue", *fast, env=prepared_synth.env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    interrupted_at = len(torch.load(folder / "checkpoint_final.pth", weights_only=False)["logging"]["train_losses"])
+    assert interrupted_at == 4
+    assert "Resuming from checkpoint_latest.pth at epoch" in resumed.stderr, resumed.stderr[-2000:]
+
+
+def test_legacy_folder_resumes_the_newest_checkpoint(tmp_path: Path) -> None:
+    """A folder written before runs were archived: an old final beside a newer latest resumes the latest."""
+    import os
+
+    from mlops.nnunet import _checkpoint_to_resume
+
+    final, latest = tmp_path / "checkpoint_final.pth", tmp_path / "checkpoint_latest.pth"
+    final.write_bytes(b"old")
+    latest.write_bytes(b"new")
+    os.utime(final, (1_000_000, 1_000_000))
+    assert _checkpoint_to_resume(tmp_path) == latest
+    os.utime(latest, (100, 100))
+    assert _checkpoint_to_resume(tmp_path) == final  # a finished run extended with --continue

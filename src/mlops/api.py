@@ -8,26 +8,38 @@ service answers 503 with ``Retry-After`` rather than queueing without limit. Eve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, Response, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from loguru import logger
 from omegaconf import DictConfig
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops import __version__
 from mlops.drift import RequestLog
-from mlops.errors import MlopsError
-from mlops.volumes import InputError, check_volume, decode_nifti, label_volumes, segmentation_like, to_gzip_bytes
+from mlops.errors import Cancelled, MlopsError
+from mlops.volumes import (
+    Budget,
+    InputError,
+    ModelGrid,
+    check_volume,
+    decode_nifti,
+    is_nifti_name,
+    label_volumes,
+    segmentation_like,
+    to_gzip_bytes,
+)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
@@ -70,10 +82,113 @@ class Slots:
             self.used -= 1
 
 
+class Drain:
+    """SIGTERM: the server stops accepting at once; work in flight gets ``grace_s`` to finish, then is cancelled.
+
+    Cloud Run allows 10 s between SIGTERM and SIGKILL; uvicorn's graceful shutdown waits slightly longer than the
+    grace so the cancelled requests can still be answered.
+    """
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s, self.deadline = grace_s, float("inf")
+
+    def start(self) -> None:
+        self.deadline = min(self.deadline, time.monotonic() + self.grace_s)
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+class Guard:
+    """Pure ASGI middleware: request metrics, a bounded and time-limited request body, and a last-resort 500.
+
+    The body limit counts the bytes as they arrive, so a chunked upload without Content-Length is cut off at the
+    limit instead of being spooled to disk in full; a client that stops sending gets 408 after ``upload_timeout_s``.
+    Both answers close the connection. (Pure ASGI rather than ``@app.middleware``: the endpoint keeps the real
+    ``receive``, so ``request.is_disconnected()`` sees a client that went away.)
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_timeout_s: float, metrics: Metrics) -> None:
+        self.app, self.max_bytes, self.upload_timeout_s, self.metrics = app, max_bytes, upload_timeout_s, metrics
+        self.known_paths: set[str] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self.known_paths:
+            self.known_paths.update(getattr(r, "path", "") for r in scope["app"].routes)
+        path = scope["path"] if scope["path"] in self.known_paths else "other"  # bounded metric labels
+        t0, status = time.perf_counter(), [500]
+        started = [False]
+
+        async def send_observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started[0], status[0] = True, int(message["status"])
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        try:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                detail = f"upload of {int(declared):,} bytes is above the limit of {self.max_bytes:,}"
+                await _json(send_observed, 413, detail)
+            else:
+                await self.app(scope, self._bounded(receive), send_observed)
+        except Exception:  # last resort: never let one request take the server down (no locals: no voxel data)
+            logger.opt(exception=True).error(f"unhandled error on {scope['method']} {scope['path']}")
+            if not started[0]:
+                await _json(send_observed, 500, "internal server error")
+        finally:
+            code = str(status[0])
+            self.metrics.requests.labels(scope["method"], path, code).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+            if status[0] >= 400:
+                self.metrics.errors.labels(code).inc()
+
+    def _bounded(self, receive: Receive) -> Receive:
+        received, done = [0], [False]
+        deadline = time.monotonic() + self.upload_timeout_s
+        limit, timeout = self.max_bytes, self.upload_timeout_s
+
+        async def bounded_receive() -> Message:
+            if done[0]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"upload incomplete after {timeout:g} s (serve.upload_timeout_s)", {"Connection": "close"}
+                ) from None
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > limit:
+                    raise HTTPException(
+                        413, f"upload above the limit of {limit:,} bytes", {"Connection": "close"}
+                    ) from None
+                done[0] = not message.get("more_body", False)
+            else:
+                done[0] = True
+            return message
+
+        return bounded_receive
+
+
+async def _json(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _safe_stem(filename: str | None) -> str:
     name = Path(filename or "upload").name
     for suffix in (".nii.gz", ".nii"):
-        name = name.removesuffix(suffix)
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "upload"
 
 
@@ -83,7 +198,10 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
 
     serve = cfg.serve
     max_bytes, max_voxels = int(serve.max_upload_bytes), int(serve.max_voxels)
+    max_request_bytes = int(float(serve.max_request_mib) * 2**20)
+    timeout_s = float(serve.timeout_s)
     metrics, slots = Metrics(), Slots(int(serve.max_in_flight))
+    drain = Drain(float(serve.shutdown_grace_s))
     request_log = RequestLog(Path(cfg.drift.requests_log)) if serve.get("record_stats") else None
 
     def default_factory() -> Any:
@@ -93,7 +211,14 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.segmenter = (segmenter_factory or default_factory)()
+        app.state.budget = Budget(ModelGrid.of(app.state.segmenter), max_request_bytes)
+        grid = app.state.budget.grid
+        logger.info(
+            f"Model grid {grid.target_spacing} mm, patch {grid.patch_size}; request budget "
+            f"{max_request_bytes / 2**20:,.0f} MiB, time limit {timeout_s:g} s, {slots.size} in flight"
+        )
         yield
+        drain.start()
 
     app = FastAPI(
         title="mlops segmentation service",
@@ -101,31 +226,10 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         description="nnU-Net v2 segmentation of 3D NIfTI volumes (Medical Segmentation Decathlon models).",
         lifespan=lifespan,
     )
-
-    known_paths: set[str] = set()  # filled on the first request, once every route exists
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if not known_paths:
-            known_paths.update(r.path for r in app.routes)
-        path = request.url.path if request.url.path in known_paths else "other"  # bounded metric labels
-        t0 = time.perf_counter()
-        declared = request.headers.get("content-length")
-        if path == "/predict" and declared and declared.isdigit() and int(declared) > max_bytes + 4096:
-            response: Response = JSONResponse(
-                {"detail": f"upload of {int(declared):,} bytes is above the limit of {max_bytes:,}"}, status_code=413
-            )
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # last resort: never let one request take the server down
-                logger.exception(f"unhandled error on {request.method} {request.url.path}")
-                response = JSONResponse({"detail": "internal server error"}, status_code=500)
-        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - t0)
-        if response.status_code >= 400:
-            metrics.errors.labels(str(response.status_code)).inc()
-        return response
+    app.state.drain = drain
+    app.add_middleware(
+        Guard, max_bytes=max_bytes + 4096, upload_timeout_s=float(serve.upload_timeout_s), metrics=metrics
+    )
 
     @app.get("/health", summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
@@ -142,10 +246,17 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
                 "model": str(seg.model_dir),
                 "folds": [str(f) for f in seg.folds],
                 "device": str(seg.device),
+                "backend": seg.backend,
+                "precision": seg.precision,
             }
         )
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    )
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -155,10 +266,11 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         response_class=Response,
         responses={
             200: {"content": {"application/gzip": {}}, "description": "The segmentation as .nii.gz"},
-            400: {"description": "Not a readable NIfTI (empty, truncated, corrupt)"},
-            413: {"description": "Upload or volume above the configured limits"},
-            422: {"description": "A NIfTI the model cannot segment (dimensionality, NaN/Inf)"},
-            503: {"description": "Busy: too many requests in flight; retry after the given seconds"},
+            400: {"description": "Not a readable NIfTI (empty, truncated, corrupt, malformed header)"},
+            408: {"description": "The upload did not arrive within serve.upload_timeout_s"},
+            413: {"description": "Upload, volume or estimated working memory above the configured limits"},
+            422: {"description": "A NIfTI the model cannot segment (dimensionality, voxel type, spacing, NaN/Inf)"},
+            503: {"description": "Busy, shutting down, or over the time limit; retry after the given seconds"},
         },
     )
     async def predict(
@@ -166,24 +278,50 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         file: UploadFile = File(..., description="A .nii or .nii.gz volume"),
         tta: bool | None = Query(None, description="Mirroring test-time augmentation (default: predict.tta)"),
     ) -> Response:
-        if not slots.try_acquire():
+        if drain.expired or not slots.try_acquire():
             raise HTTPException(503, "busy: too many predictions in flight; retry shortly", {"Retry-After": "1"})
         metrics.in_flight.inc()
+        gone = threading.Event()
+        deadline = time.monotonic() + timeout_s
+        name = file.filename or "upload"
         try:
-            name = file.filename or "upload"
-            if not name.endswith((".nii", ".nii.gz")):
+            if not is_nifti_name(name):
                 raise InputError(f"{name}: expected a .nii or .nii.gz file", 400)
             raw = await file.read(max_bytes + 1)
             if len(raw) > max_bytes:
                 raise InputError(f"{name}: upload above the limit of {max_bytes:,} bytes", 413)
-            segmenter = request.app.state.segmenter
+            state = request.app.state
+
+            def cancel() -> bool:  # polled by the engine between tiles, from its worker thread
+                return gone.is_set() or time.monotonic() > deadline or drain.expired
+
             t0 = time.perf_counter()
-            body, volumes = await run_in_threadpool(_segment, segmenter, raw, name, max_voxels, tta, request_log)
+            work = asyncio.ensure_future(
+                run_in_threadpool(
+                    _segment, state.segmenter, state.budget, raw, name, max_voxels, tta, request_log, cancel
+                )
+            )
+            del raw
+            while not work.done():  # watch the client while the worker runs; the slot is held until it stops
+                await asyncio.wait({work}, timeout=0.5)
+                if not gone.is_set() and not work.done() and await request.is_disconnected():
+                    gone.set()
+                    logger.info(f"{name}: client disconnected; cancelling its prediction")
+            body, volumes = work.result()
             metrics.inference.observe(time.perf_counter() - t0)
         except InputError as exc:
             raise HTTPException(exc.status, str(exc)) from None
+        except Cancelled:
+            if gone.is_set():
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+            if drain.expired:
+                raise HTTPException(503, "the service is shutting down; retry", {"Retry-After": "1"}) from None
+            logger.warning(f"{name}: cancelled at the time limit of {timeout_s:g} s")
+            raise HTTPException(
+                503, f"prediction exceeded the time limit of {timeout_s:g} s (serve.timeout_s)"
+            ) from None
         except MlopsError as exc:
-            logger.error(f"prediction failed: {exc}")
+            logger.error(f"prediction of {name} failed: {exc}")
             raise HTTPException(500, f"prediction failed: {exc}") from None
         finally:
             await file.close()
@@ -203,18 +341,58 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
 
 
 def _segment(
-    segmenter: Any, raw: bytes, name: str, max_voxels: int, tta: bool | None, request_log: RequestLog | None
+    segmenter: Any,
+    budget: Budget,
+    raw: bytes,
+    name: str,
+    max_voxels: int,
+    tta: bool | None,
+    request_log: RequestLog | None,
+    cancel: Callable[[], bool],
 ) -> tuple[bytes, dict]:
-    img = decode_nifti(raw, name, max_voxels)
-    data = check_volume(img, name, segmenter.num_channels)
+    img = decode_nifti(raw, name, max_voxels, budget)
+    del raw
+    data = check_volume(img, name, segmenter.num_channels, budget)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    seg = segmenter.segment(data, zooms, tta=tta)
+    if cancel():
+        raise Cancelled(f"{name}: cancelled before segmentation")
+    seg = segmenter.segment(data, zooms, tta=tta, cancel=cancel)
     if request_log is not None:
         try:  # drift monitoring must never fail a prediction
             request_log.record(name, data, zooms)
         except Exception as exc:
-            logger.warning(f"could not record request statistics: {exc}")
+            logger.warning(f"could not record request statistics: {type(exc).__name__}")
     return to_gzip_bytes(segmentation_like(seg, img), level=1), label_volumes(seg, img, segmenter.labels)
+
+
+def run_server(app: FastAPI, cfg: DictConfig) -> None:
+    """uvicorn on ``serve.host:serve.port`` with bounded connections and idle keep-alive, and a SIGTERM that drains.
+
+    On SIGTERM (Cloud Run, docker stop) uvicorn stops accepting at once; work in flight gets ``serve.shutdown_grace_s``
+    to finish and is then cancelled at its next tile, so the process exits within Cloud Run's 10 s.
+    """
+    import uvicorn
+
+    drain: Drain = app.state.drain
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if not self.should_exit:
+                logger.info(f"Signal {sig}: no new requests; in-flight work has {drain.grace_s:g} s to finish")
+            drain.start()
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    config = uvicorn.Config(
+        app,
+        host=str(cfg.serve.host),
+        port=int(cfg.serve.port),
+        log_config=None,
+        access_log=False,
+        limit_concurrency=int(cfg.serve.max_connections),
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=int(float(cfg.serve.shutdown_grace_s)) + 1,
+    )
+    DrainingServer(config).run()
 
 
 def fetch_model(cfg: DictConfig) -> Path:

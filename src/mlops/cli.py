@@ -21,6 +21,7 @@ from rich.table import Table
 from mlops import __version__
 from mlops.config import load_config
 from mlops.errors import ConfigError, MlopsError
+from mlops.interrupts import sigterm_as_interrupt
 from mlops.logs import intercept_stdlib_logging, setup_logging
 from mlops.nnunet import TrainingInterrupted
 
@@ -147,13 +148,14 @@ def download(
     cfg = compose(overrides, **{"dataset.url": url, "dataset.source": dest})
     if not cfg.dataset.get("url"):
         raise ConfigError("no URL configured for this dataset; pass --url or dataset.url=...")
-    path = fetch(
-        str(cfg.dataset.url),
-        Path(cfg.dataset.source),
-        cfg.dataset.get("sha256"),
-        timeout_s=float(cfg.download.timeout_s),
-        chunk_bytes=int(cfg.download.chunk_bytes),
-    )
+    with sigterm_as_interrupt():
+        path = fetch(
+            str(cfg.dataset.url),
+            Path(cfg.dataset.source),
+            cfg.dataset.get("sha256"),
+            timeout_s=float(cfg.download.timeout_s),
+            chunk_bytes=int(cfg.download.chunk_bytes),
+        )
     out.print(f"Downloaded [bold]{path}[/]")
 
 
@@ -180,7 +182,8 @@ def prepare(
             "prepare.num_workers": workers,
         },
     )
-    result = run_prepare(cfg)
+    with sigterm_as_interrupt():
+        result = run_prepare(cfg)
     table = Table(title=f"{result.dataset}", show_header=False, title_justify="left")
     table.add_column(overflow="fold")
     table.add_column(overflow="fold")
@@ -360,15 +363,18 @@ def serve(
     port: int = typer.Option(None, "--port", help="Port (default: $PORT, else serve.port)."),
 ) -> None:
     """Run the segmentation API (FastAPI + uvicorn): POST /predict, /health, /ready, /metrics, /docs."""
-    import uvicorn
+    import sys
 
-    from mlops.api import create_app
+    from mlops.api import create_app, run_server
 
+    # The service never tracks to W&B; nnU-Net's logger imports wandb only to offer it, and importing wandb makes two
+    # temporary folders (wandb-media, wandb-artifacts) that a killed container leaves behind. None: ImportError.
+    sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
     _, overrides = split_args(args, max_positional=0)
     cfg = compose(overrides, **{"serve.host": host, "serve.port": port})
     app_ = create_app(cfg)
     intercept_stdlib_logging()
-    uvicorn.run(app_, host=str(cfg.serve.host), port=int(cfg.serve.port), log_config=None, access_log=False)
+    run_server(app_, cfg)
 
 
 @app.command()

@@ -43,6 +43,9 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"invalid configuration override(s) {overrides}: {exc}") from exc
+    from mlops.schema import validate
+
+    validate(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     return cfg
 
 

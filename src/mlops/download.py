@@ -30,7 +30,12 @@ def download(url: str, dest: Path, sha256: str | None, timeout_s: float = 60, ch
     if dest.is_file() and sha256 and sha256_file(dest) == sha256.lower():
         logger.info(f"{dest} already downloaded (SHA-256 verified)")
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"{dest}: cannot create its folder {dest.parent} ({exc.strerror or exc})") from None
+    if dest.is_dir():
+        raise DownloadError(f"{dest}: is a folder; give the archive's file name (e.g. {dest / 'Task.tar'})")
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
     try:
@@ -49,7 +54,10 @@ def download(url: str, dest: Path, sha256: str | None, timeout_s: float = 60, ch
     except httpx.HTTPError as exc:
         part.unlink(missing_ok=True)
         raise DownloadError(f"{url}: download failed ({type(exc).__name__}: {exc}); nothing was saved") from exc
-    except BaseException:
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{part}: cannot write the download ({exc.strerror or exc}); nothing was saved") from None
+    except BaseException:  # Ctrl-C, or SIGTERM turned into KeyboardInterrupt by the CLI
         part.unlink(missing_ok=True)
         raise
     digest = h.hexdigest()

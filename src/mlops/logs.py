@@ -21,13 +21,14 @@ def _to_console(message: str) -> None:
 def setup_logging(verbose: bool = False) -> None:
     """Route logs to stderr: INFO by default, DEBUG with --verbose. Stdout stays free for results (tables, JSON)."""
     logger.remove()
-    logger.add(_to_console, level="DEBUG" if verbose else "INFO", format=_FORMAT, colorize=True)
+    # diagnose=False: loguru would otherwise print every local variable of a traceback, i.e. voxel arrays.
+    logger.add(_to_console, level="DEBUG" if verbose else "INFO", format=_FORMAT, colorize=True, diagnose=False)
 
 
 def add_file_sink(path: Path) -> int:
     """Also write DEBUG-level logs to ``path`` (e.g. next to training results); returns the sink id to remove it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return logger.add(path, level="DEBUG", enqueue=False)
+    return logger.add(path, level="DEBUG", enqueue=False, diagnose=False)
 
 
 class _InterceptHandler(logging.Handler):

@@ -277,12 +277,39 @@ def _install_hooks(trainer: nnUNetTrainer, on_epoch: EpochCallback | None, on_st
     return steps
 
 
+RESUMABLE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
 def _checkpoint_to_resume(folder: Path) -> Path | None:
-    """nnU-Net's own order: final, then latest, then best."""
-    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+    """The checkpoint of the run that was interrupted: the newest of final and latest (best only as a last resort).
+
+    nnU-Net's own order (final, then latest) resumes a finished old run when a newer run over it was interrupted;
+    the newest file is the run that stopped last. (A new run moves a finished one aside, see :func:`_archive_run`,
+    so this matters only for folders written before that.)
+    """
+    found = [folder / n for n in RESUMABLE[:2] if (folder / n).is_file()]
+    if found:
+        return max(found, key=lambda p: p.stat().st_mtime_ns)
+    best = folder / RESUMABLE[2]
+    return best if best.is_file() else None
+
+
+def _archive_run(folder: Path) -> Path | None:
+    """Move a previous run's checkpoints and validation aside before a new run starts from scratch in ``folder``.
+
+    Otherwise the old ``checkpoint_final.pth`` would sit beside the new run's ``checkpoint_latest.pth`` and a later
+    ``--continue`` (or a predictor) could take the wrong one. Returns where the old run went.
+    """
+    import time
+
+    old = [folder / n for n in (*RESUMABLE, "validation", "progress.png") if (folder / n).exists()]
+    if not any(p.name.endswith(".pth") for p in old):
+        return None
+    dest = folder / "previous_runs" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in old:
+        path.rename(dest / path.name)
+    return dest
 
 
 def _save_interrupted(trainer: nnUNetTrainer) -> Path | None:
@@ -335,6 +362,13 @@ def train_fold(
     trainer = build_trainer(settings, device)
     folder = Path(trainer.output_folder)
     resumed_from = 0
+    if not settings.continue_training and trainer.local_rank == 0:
+        archived = _archive_run(folder)
+        if archived is not None:
+            logger.warning(
+                f"{folder} held an earlier run; starting a new one from scratch and moving the old checkpoints to "
+                f"{archived} (use --continue to extend a run instead)"
+            )
     if settings.continue_training:
         checkpoint = _checkpoint_to_resume(folder)
         if checkpoint is None:

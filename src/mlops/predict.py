@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
+import torch
 from loguru import logger
 from omegaconf import DictConfig
 
 from mlops.errors import ConfigError, MlopsError, PipelineError
 from mlops.inference import Segmenter
+from mlops.inference.segmenter import Prepared
 from mlops.progress import track
-from mlops.volumes import InputError, check_volume, label_volumes, load_nifti, segmentation_like
+from mlops.volumes import (
+    Budget,
+    InputError,
+    ModelGrid,
+    check_volume,
+    is_nifti_name,
+    label_volumes,
+    load_nifti,
+    segmentation_like,
+)
 
-CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$")
+CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$", re.IGNORECASE)
 
 
 @dataclass
@@ -92,36 +104,72 @@ def parse_folds(text: str) -> list[int | str]:
 def output_name(path: Path) -> str:
     """nnU-Net's convention: ``case_0000.nii.gz`` (channel 0) is segmented as ``case.nii.gz``."""
     name = CHANNEL_SUFFIX.sub(r"\1", path.name)
-    return name if name.endswith(".gz") else name + ".gz"
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+    return stem + ".nii.gz"
+
+
+@dataclass
+class LoadedCase:
+    """A case decoded, checked and preprocessed, waiting for the network."""
+
+    src: Path
+    dst: Path
+    image: nib.Nifti1Image
+    prepared: Prepared
+    started: float
+
+
+def load_case(
+    segmenter: Segmenter, src: Path, dst: Path, max_voxels: int | None, budget: Budget | None = None
+) -> LoadedCase:
+    """Decode, check (header first, then data) and preprocess one file: the work that overlaps the network's."""
+    t0 = time.perf_counter()
+    img = load_nifti(src, max_voxels, budget)
+    data = check_volume(img, str(src), segmenter.num_channels, budget)
+    prepared = segmenter.prepare(data, tuple(float(z) for z in img.header.get_zooms()[:3]))
+    return LoadedCase(src, dst, img, prepared, t0)
+
+
+def write_case(segmenter: Segmenter, case: LoadedCase, logits: torch.Tensor) -> CasePrediction:
+    """nnU-Net's export of the logits to the input's grid, saved atomically with the input's geometry."""
+    seg = segmenter.finish(case.prepared, logits)
+    out = segmentation_like(seg, case.image)
+    case.dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = case.dst.with_name(f".{case.dst.name}.part.nii.gz")
+    try:
+        nib.save(out, tmp)
+        tmp.replace(case.dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    volumes = label_volumes(seg, case.image, segmenter.labels)
+    return CasePrediction(case.src, case.dst, tuple(seg.shape), volumes, time.perf_counter() - case.started)
 
 
 def segment_file(
-    segmenter: Segmenter, src: Path, dst: Path, max_voxels: int | None, tta: bool | None
+    segmenter: Segmenter,
+    src: Path,
+    dst: Path,
+    max_voxels: int | None,
+    tta: bool | None,
+    budget: Budget | None = None,
 ) -> CasePrediction:
-    t0 = time.perf_counter()
-    img = load_nifti(src, max_voxels)
-    data = check_volume(img, str(src), segmenter.num_channels)
-    seg = segmenter.segment(data, tuple(float(z) for z in img.header.get_zooms()[:3]), tta=tta)
-    out = segmentation_like(seg, img)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.part.nii.gz")
-    nib.save(out, tmp)
-    tmp.replace(dst)
-    return CasePrediction(
-        src, dst, tuple(seg.shape), label_volumes(seg, img, segmenter.labels), time.perf_counter() - t0
-    )
+    """One file, start to end, in this thread."""
+    case = load_case(segmenter, src, dst, max_voxels, budget)
+    return write_case(segmenter, case, segmenter.logits(case.prepared, tta))
 
 
 def predict(
     cfg: DictConfig, source: Path, output: Path | None = None, model: Path | None = None, tta: bool | None = None
 ) -> list[CasePrediction]:
-    """Segment a file (output: ``-o`` file, default ``<case>_seg.nii.gz`` beside it) or a folder (``-o`` folder)."""
+    """Segment a file (output: ``-o`` file, default ``<case>_seg.nii.gz`` beside it) or a folder (``-o`` folder).
+
+    In a folder the work overlaps: while the network runs on one case, the next is decoded and preprocessed in one
+    thread and the previous one is resampled back and written in another (outputs stay in input order).
+    """
     if not source.exists():
         raise InputError(f"{source}: no such file or folder", 400)
     if source.is_dir():
-        inputs = sorted(
-            p for p in source.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
-        )
+        inputs = sorted(p for p in source.iterdir() if is_nifti_name(p.name) and not p.name.startswith("."))
         if not inputs:
             raise InputError(f"{source}: no .nii or .nii.gz files", 400)
         out_dir = output or source.with_name(source.name + "_seg")
@@ -133,16 +181,50 @@ def predict(
         targets = [(source, output or default)]
     segmenter = load_segmenter(cfg, model_dir(cfg, model))
     max_voxels = int(cfg.predict.max_voxels) if cfg.predict.get("max_voxels") else None
-    results, failures = [], []
-    for src, dst in track(targets, "Segmenting", total=len(targets)):
+    budget = None
+    if cfg.predict.get("max_request_mib"):
+        budget = Budget(ModelGrid.of(segmenter), int(float(cfg.predict.max_request_mib) * 2**20))
+    if len(targets) == 1:
+        return [segment_file(segmenter, *targets[0], max_voxels, tta, budget)]
+
+    results: list[CasePrediction] = []
+    failures: list[str] = []
+
+    def failed(src: Path, exc: BaseException) -> None:
+        """One odd file must not stop a folder: report it and go on (the traceback only with --verbose)."""
+        if isinstance(exc, InputError):
+            message = str(exc)
+        else:
+            message = f"{src}: segmentation failed ({type(exc).__name__})"
+            logger.opt(exception=exc).debug(message)
+        logger.error(message)
+        failures.append(message)
+
+    def collect(pending: tuple[Path, Future[CasePrediction]] | None) -> None:
+        if pending is None:
+            return
+        src, future = pending
         try:
-            results.append(segment_file(segmenter, src, dst, max_voxels, tta))
-            logger.debug(f"{src.name} -> {dst} in {results[-1].seconds:.2f} s")
-        except InputError as exc:
-            if len(targets) == 1:
-                raise
-            logger.error(str(exc))
-            failures.append(str(exc))
+            results.append(future.result())
+            logger.debug(f"{src.name} -> {results[-1].output} in {results[-1].seconds:.2f} s")
+        except Exception as exc:
+            failed(src, exc)
+
+    with ThreadPoolExecutor(1, "mlops-load") as loader, ThreadPoolExecutor(1, "mlops-write") as writer:
+        loads = {0: loader.submit(load_case, segmenter, *targets[0], max_voxels, budget)}
+        writing: tuple[Path, Future[CasePrediction]] | None = None
+        for i, (src, _) in enumerate(track(targets, "Segmenting", total=len(targets))):
+            if i + 1 < len(targets):  # decode + preprocess the next case while this one runs
+                loads[i + 1] = loader.submit(load_case, segmenter, *targets[i + 1], max_voxels, budget)
+            try:
+                case = loads.pop(i).result()
+                logits = segmenter.logits(case.prepared, tta)
+            except Exception as exc:
+                failed(src, exc)
+                continue
+            collect(writing)
+            writing = (src, writer.submit(write_case, segmenter, case, logits))
+        collect(writing)
     if failures:
         raise InputError(
             f"{len(failures)} of {len(targets)} file(s) could not be segmented:\n  - " + "\n  - ".join(failures)

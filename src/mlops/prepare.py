@@ -143,6 +143,9 @@ def convert(cfg: DictConfig, source: Path, identity: DatasetIdentity, raw_root: 
         return False, stamp["num_training"], stamp["num_test"], digest
 
     raw_root.mkdir(parents=True, exist_ok=True)
+    for stale in raw_root.glob(f".{identity.folder}.staging-*"):  # left by a run killed without warning (SIGKILL)
+        logger.info(f"Removing {stale}, left by an interrupted conversion")
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{identity.folder}.staging-", dir=raw_root))
     try:
         with open_source(source, scratch=raw_root) as root:

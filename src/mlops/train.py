@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +14,9 @@ from mlops import nnunet
 from mlops.config import save_config
 from mlops.errors import ConfigError, DatasetError
 from mlops.evaluate import DiceReport, from_nnunet_summary, labels_from_dataset_json, write_report
+from mlops.interrupts import sigterm_as_interrupt
 from mlops.logs import add_file_sink
-from mlops.prepare import DatasetIdentity, dataset_identity
+from mlops.prepare import PRE_STAMP, DatasetIdentity, dataset_identity
 from mlops.progress import progress_bar
 from mlops.tracking import Tracker
 
@@ -61,33 +59,37 @@ def prepared_dataset(cfg: DictConfig) -> tuple[DatasetIdentity, Path]:
             f"{pre_root / identity.folder}: no preprocessed dataset (missing {plans.name}); "
             f"run `mlops prepare` first (dataset.id={identity.id})"
         )
+    _check_preprocessed(cfg, pre_root / identity.folder, plans, identity)
     return identity, pre_root / identity.folder
 
 
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (docker stop, Kubernetes, preemptible/Vertex AI VMs) like Ctrl-C: checkpoint, then exit.
+def _check_preprocessed(cfg: DictConfig, pre_dir: Path, plans: Path, identity: DatasetIdentity) -> None:
+    """The configuration to train must be fully preprocessed (an interrupted `mlops prepare` leaves it half done).
 
-    Forked data-augmentation workers inherit the handler; in them it falls back to the default (terminate), because
-    nnU-Net stops its workers with SIGTERM.
+    `mlops prepare` stamps the configurations it finished; a dataset preprocessed by nnU-Net's own tools has no
+    stamp, and then every training case must have its preprocessed file.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    main_pid = os.getpid()
-
-    def handler(signum: int, frame: object) -> None:
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    configuration = str(cfg.train.configuration)
+    hint = f"run `mlops prepare` first (dataset.id={identity.id} prepare.configurations=[{configuration}])"
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        planned = json.loads(plans.read_text()).get("configurations", {})
+        stamp_file = pre_dir / PRE_STAMP
+        stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
+        num_training = int(json.loads((pre_dir / "dataset.json").read_text()).get("numTraining", 0))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{pre_dir}: unreadable preprocessed dataset ({type(exc).__name__}); {hint}") from None
+    if configuration not in planned:
+        return  # nnU-Net's trainer names the planned configurations in its own error
+    if stamp is not None and configuration in stamp.get("configurations", []):
+        return
+    data_dir = pre_dir / str(planned[configuration].get("data_identifier", ""))
+    cases = len(list(data_dir.glob("*.pkl"))) if data_dir.is_dir() else 0
+    if stamp is None and num_training and cases >= num_training:
+        return
+    raise DatasetError(
+        f"{pre_dir}: {configuration} is not fully preprocessed ({cases} of {num_training} cases in {data_dir.name}; "
+        f"was `mlops prepare` interrupted?); {hint}"
+    )
 
 
 def model_dir_for(cfg: DictConfig, identity: DatasetIdentity) -> Path:
