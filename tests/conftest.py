@@ -6,10 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -112,6 +114,22 @@ def hippocampus() -> Path:
     if not (HIPPOCAMPUS / "dataset.json").is_file():
         pytest.skip(f"real data absent: {HIPPOCAMPUS} (see ../shared/data/README.md)")
     return HIPPOCAMPUS
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, seconds: float = 120) -> httpx.Response:
+    """Poll ``url``/ready until 200 (bounded); fail with the server's log if it exits or never gets ready."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            ready = httpx.get(f"{url}/ready", timeout=2)
+            if ready.status_code == 200:
+                return ready
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"server did not become ready in {seconds:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def run_mlops(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

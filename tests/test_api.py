@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from .conftest import HIPPOCAMPUS, TrainedModel, run_mlops
+from .conftest import HIPPOCAMPUS, TrainedModel, run_mlops, wait_ready
 
 MAX_BYTES = 3_000_000
 MAX_VOXELS = 2_000_000
@@ -55,17 +54,7 @@ def server(trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFactory
     with log.open("w") as sink:
         proc = subprocess.Popen([str(exe), *args], env=env, stdout=sink, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        else:
-            proc.kill()
-            pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
+        wait_ready(proc, url, log)
         try:
             yield Server(url, tmpdir, trained_synth.model_dir)
         finally:

@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from .conftest import REPO, TrainedModel
+from .conftest import REPO, TrainedModel, wait_ready
 
 BIN = Path(sys.executable).parent
 
@@ -191,18 +190,7 @@ def test_api_image_cmd_serves_with_cloud_run_env(trained_synth: TrainedModel, sy
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    ready = httpx.get(f"{url}/ready", timeout=2)
-                    if ready.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.3)
-            else:
-                pytest.fail(f"the image's CMD did not become ready:\n{log.read_text()[-3000:]}")
+            ready = wait_ready(proc, url, log)
             # The model was fetched from MODEL_URI into the data root's model cache, and is what is served.
             cached = data / "model_cache" / trained_synth.model_dir.name
             assert ready.json()["model"] == str(cached) and (cached / "fold_0" / "checkpoint_final.pth").is_file()

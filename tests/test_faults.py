@@ -104,7 +104,8 @@ def test_stalled_upload_gets_408_and_is_closed(server: Server, good_case: bytes)
 def test_time_limit_and_disconnect_free_their_slots(server: Server, good_case: bytes) -> None:
     """A slow request holds the model; one queued behind it passes the time limit (503), one whose client hangs up
     is cancelled (499, nobody reads it). Both slots come back: the next request succeeds."""
-    slow = volume(spacing=4.0)  # 64³ at the model's grid: many tiles, seconds on CPU, within the budget
+    # 128³ at the model's grid: about 140 tiles, several seconds even for the batched engine, within the budget
+    slow = volume(spacing=8.0)
     with ThreadPoolExecutor(2) as pool:
         t0 = time.monotonic()
         first = pool.submit(post, server, "slow.nii", slow)
@@ -139,7 +140,7 @@ def test_sigterm_drains_within_grace(server: Server, good_case: bytes) -> None:
     """SIGTERM during a prediction: no new connections, the running one finishes (or is cancelled), exit < 10 s.
     (Last test of the module: it stops the module's server.)"""
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(post, server, "during.nii", volume(spacing=3.0))
+        running = pool.submit(post, server, "during.nii", volume(spacing=8.0))  # still running at SIGTERM
         time.sleep(1.0)
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)

@@ -211,8 +211,8 @@ def test_bf16_refused_without_native_support(exported: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_real_test_scans_parity(trained_real: TrainedModel, hippocampus: Path, tmp_path: Path) -> None:
-    """On the 30 real test scans: torch fp32 gives nnU-Net's labels exactly; every backend `auto` may pick on this
-    machine keeps per-case Dice >= 0.99 for every label and >= 0.995 on average against nnU-Net's own output."""
+    """On the 30 real test scans: torch fp32 gives nnU-Net's labels up to float16 rounding of nnU-Net's own sum;
+    every backend `auto` may pick here keeps per-case Dice >= 0.99 per label and >= 0.995 on average against it."""
     model = tmp_path / trained_real.model_dir.name
     shutil.copytree(trained_real.model_dir, model)
     proc = run_mlops("export", "--model", str(model), env=trained_real.workspace.env())
@@ -230,16 +230,20 @@ def test_real_test_scans_parity(trained_real: TrainedModel, hippocampus: Path, t
     cases = load_cases(hippocampus / "imagesTs")
     assert len(cases) == 30
     scores: dict[str, list[float]] = {k: [] for k in candidates}
-    segmented = 0
+    segmented = flips = 0
     for name, data, spacing in cases:
         theirs = reference.segment(data, spacing)
         segmented += int((theirs > 0).any())
-        np.testing.assert_array_equal(exact.segment(data, spacing), theirs, err_msg=name)
+        # nnU-Net sums tiles in float16 even on CPU, we in float32: a near-tied voxel may flip (1 in 67,392 seen).
+        flipped = int((exact.segment(data, spacing) != theirs).sum())
+        assert flipped <= max(3, theirs.size // 10_000), (name, flipped)
+        flips += flipped
         for key, seg in candidates.items():
             got = seg.segment(data, spacing)
             per_label = [dice(got, theirs, label) for label in seg.labels if label]
             assert min(per_label) >= 0.99, (name, key, per_label)
             scores[key].extend(per_label)
     assert segmented >= 25, "the model must segment most scans, or the comparison says little"
+    assert flips <= 30, f"{flips} voxels differ from nnU-Net over the 30 scans"
     for key, values in scores.items():
         assert float(np.mean(values)) >= 0.995, (key, float(np.mean(values)))

@@ -142,8 +142,15 @@ def test_interrupt_saves_checkpoint_and_says_how_to_resume(
     args += ["train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1", f"train.num_workers={workers}"]
     args += ["wandb.mode=disabled", "train.device=cpu"]
     exe = Path(sys.executable).parent / "mlops"
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. A test run started in the background by a
+    # non-interactive shell inherits SIGINT ignored (POSIX), and Python then installs no KeyboardInterrupt: restore it.
     proc = subprocess.Popen(
-        [str(exe), *args], env=prepared_synth.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [str(exe), *args],
+        env=prepared_synth.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     folder = prepared_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / f"fold_{fold}"
     deadline = time.monotonic() + 240

@@ -26,11 +26,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
     main_pid = os.getpid()
 
+    received: list[int] = []
+
     def handler(signum: int, frame: object) -> None:
         if os.getpid() != main_pid:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        received.append(signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -38,3 +41,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+    # Python drops an exception raised while it runs a finalizer (``__del__``, a weakref callback): a SIGTERM that
+    # lands there would be lost and the command would carry on as if nothing happened. Never lose one.
+    if received:
+        raise KeyboardInterrupt
