@@ -63,13 +63,10 @@ class Segmenter:
         self.patch_size = tuple(reversed(m.patch_size))
         self.max_batch = int(max_batch or (32 if self.device.type == "cuda" else 8))
 
-        formats: set[str] = set()
-        problems: list[str] = []
-        for ckpt in m.checkpoint_files():
-            fresh, problem = export_status(ckpt)
-            formats = fresh if ckpt == m.checkpoint_files()[0] else formats & fresh
-            if problem:
-                problems.append(problem)
+        checkpoints = m.checkpoint_files()
+        statuses = [export_status(c) for c in checkpoints]
+        formats = set.intersection(*(fresh for fresh, _ in statuses))  # usable only if every fold has it
+        problems = [problem for _, problem in statuses if problem]
         wanted = backend
         if wanted in ("openvino", "onnxruntime"):
             fmt = "openvino" if wanted == "openvino" else "onnx"
@@ -85,11 +82,9 @@ class Segmenter:
         if self.backend == "torch":
             self._runners = [backends.TorchRunner(m.network, w, self.device, self.precision) for w in m.fold_weights]
         elif self.backend == "openvino":
-            self._runners = [
-                backends.OpenVinoRunner(exported_file(c, "openvino"), self.precision) for c in m.checkpoint_files()
-            ]
+            self._runners = [backends.OpenVinoRunner(exported_file(c, "openvino"), self.precision) for c in checkpoints]
         elif self.backend == "onnxruntime":
-            self._runners = [backends.OnnxRunner(exported_file(c, "onnx")) for c in m.checkpoint_files()]
+            self._runners = [backends.OnnxRunner(exported_file(c, "onnx")) for c in checkpoints]
         else:
             self._predictor = nnunet.nnunet_predictor(m, self.device, tta, self.tile_step_size)
         self._lock = threading.Lock()
