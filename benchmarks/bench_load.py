@@ -17,8 +17,6 @@ import asyncio
 import gzip
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.test_hostile import gzip_of_constant, header, volume  # noqa: E402  (the same crafted inputs as the tests)
+
+from common import start_serve  # noqa: E402  (benchmarks/common.py)
 
 SCANS = REPO.parent / "shared" / "data" / "Task04_Hippocampus" / "imagesTs"
 
@@ -110,29 +110,6 @@ async def run_load(url: str, pid: int, clients: int, seconds: float, real: list,
     }
 
 
-def start_server(model: Path, tmp: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PORT": str(port)}
-    exe = Path(sys.executable).parent / "mlops"
-    log = (tmp / "bench_load_server.log").open("w")
-    args = [str(exe), "serve", f"predict.model_dir={model}", "predict.tta=false", "serve.record_stats=false", *extra]
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited; see {log.name}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not become ready in 600 s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="trained nnU-Net model folder")
@@ -144,7 +121,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="serve overrides, e.g. serve.max_in_flight=4")
     args = parser.parse_args()
     real, hostile = real_bodies(args.scans), hostile_bodies()
-    proc, url = start_server(args.model, args.tmp, args.overrides)
+    serve_args = [f"predict.model_dir={args.model}", "predict.tta=false", "serve.record_stats=false", *args.overrides]
+    proc, url = start_serve(serve_args, dict(os.environ), args.tmp / "bench_load_server.log")
     emit(f"server {url} pid {proc.pid}; {len(real)} real scans, {len(hostile)} hostile uploads; {args.seconds:g} s")
     head = f"{'clients':>7} {'load':>8} {'reqs':>5} {'ok/s':>6} {'p50 s':>6} {'p95 s':>6} {'p99 s':>6} "
     emit(head + f"{'503':>5} {'4xx':>4} {'5xx':>4} {'err':>4} {'peak RSS':>9}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
+
+from common import start_serve  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -70,19 +71,6 @@ def floor_latency(model: Path, case: Path, tta: bool, repeats: int) -> list[floa
     return times
 
 
-def start_server(model: Path, env: dict[str, str], port: int, in_flight: int) -> subprocess.Popen:
-    args = ["serve", "--port", str(port), f"predict.model_dir={model}", f"serve.max_in_flight={in_flight}"]
-    proc = subprocess.Popen([str(BIN / "mlops"), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path)
@@ -101,11 +89,8 @@ def main() -> None:
 
         floor = floor_latency(model, case, args.tta, args.repeats)
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = start_server(model, env, port, in_flight=4)
-        url = f"http://127.0.0.1:{port}/predict?tta={flag}"
+        server, base = start_serve([f"predict.model_dir={model}", "serve.max_in_flight=4"], env, tmp / "serve.log")
+        url = f"{base}/predict?tta={flag}"
         try:
             client = httpx.Client(timeout=300)
             client.post(url, files={"file": (case.name, body)})  # warm-up
@@ -146,7 +131,7 @@ def main() -> None:
             if shutil.which("locust", path=str(BIN)):
                 out = subprocess.run(
                     [str(BIN / "locust"), "-f", str(REPO / "benchmarks/locustfile.py"), "--headless", "-u", "4",
-                     "-r", "4", "-t", "15s", "--host", f"http://127.0.0.1:{port}", "--only-summary"],
+                     "-r", "4", "-t", "15s", "--host", base, "--only-summary"],
                     env={**env, "MLOPS_LOCUST_CASE": str(case)}, capture_output=True, text=True, timeout=120,
                 )  # fmt: skip
                 agg = [ln for ln in (out.stdout + out.stderr).splitlines() if "Aggregated" in ln]
