@@ -276,9 +276,14 @@ def measure_rows(
     return rows
 
 
+def median(figures: dict) -> float:
+    """p50 over every latency a worker recorded (nan when the row was not run)."""
+    return pct([t for v in figures["latencies"].values() for t in v], 50) if figures else float("nan")
+
+
 def report(rows: list, big: Path, cases: list[Path], folder: Path, folder_run: tuple) -> None:
     w = sys.stdout.write
-    floor = {tta: small for name, tta, small, _ in rows if name.endswith("(floor)")}
+    floor = {tta: (median(small), median(large)) for name, tta, small, large in rows if name.endswith("(floor)")}
     w(f"{len(cases)} cases from {folder}; many-tile case {big.name}; {os.cpu_count()} CPU cores; model fold 0\n")
     w(f"{'':<40}{'mirror':>7}{'p50 s':>8}{'p95 s':>8}{'x floor':>8}{'big s':>8}{'x floor':>8}{'peak MiB':>9}\n")
     for name, tta, small, large in rows:
@@ -286,21 +291,16 @@ def report(rows: list, big: Path, cases: list[Path], folder: Path, folder_run: t
             w(f"{name:<40}{'on' if tta else 'off':>7}  refused: {small['refused']}\n")
             continue
         lat = [t for v in small["latencies"].values() for t in v]
-        ratio = pct(lat, 50) / pct([t for v in floor[tta]["latencies"].values() for t in v], 50)
-        big_s = pct([t for v in large["latencies"].values() for t in v], 50) if large else float("nan")
-        big_floor = pct([t for v in floor_big(rows, tta)["latencies"].values() for t in v], 50)
+        small_floor, big_floor = floor[tta]
+        p50, big_s = pct(lat, 50), median(large)
         rss = max(small["peak_rss"], large.get("peak_rss", 0)) / 1024
-        w(f"{name:<40}{'on' if tta else 'off':>7}{pct(lat, 50):>8.3f}{pct(lat, 95):>8.3f}{ratio:>8.2f}"
+        w(f"{name:<40}{'on' if tta else 'off':>7}{p50:>8.3f}{pct(lat, 95):>8.3f}{p50 / small_floor:>8.2f}"
           f"{big_s:>8.1f}{big_s / big_floor:>8.2f}{rss:>9.0f}\n")  # fmt: skip
     theirs_s, theirs_rss, ours_s, ours_rss = folder_run
     w(f"\nFolder of {len(cases)} cases, mirroring on, wall time and peak RSS of the process tree:\n")
     w(f"  nnUNetv2_predict_from_modelfolder -i folder  {theirs_s:7.1f} s  {theirs_rss / 2**20:7.0f} MiB\n")
     w(f"  mlops predict folder                         {ours_s:7.1f} s  {ours_rss / 2**20:7.0f} MiB\n")
     w(f"  ratio (ours / nnU-Net): {ours_s / theirs_s:.2f}x time, {ours_rss / theirs_rss:.2f}x memory\n")
-
-
-def floor_big(rows: list, tta: bool) -> dict:
-    return next(large for name, t, _, large in rows if t == tta and name.endswith("(floor)"))
 
 
 if __name__ == "__main__":
