@@ -85,6 +85,7 @@ def worker(spec: dict) -> dict:
                 tta=spec["tta"],
                 backend=spec["backend"],
                 precision=spec["precision"],
+                max_batch=spec.get("max_batch"),
             )
         except MlopsError as exc:
             return {"refused": str(exc).split(": ", 1)[-1]}
@@ -205,6 +206,7 @@ def main() -> None:
     parser.add_argument("--cases", type=Path, help="folder of .nii.gz cases (default: the real Task04 test scans)")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the cases per row")
     parser.add_argument("--big-repeats", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, help="patches per forward pass of ours (default: predict.max_batch)")
     parser.add_argument("--per-case-runs", type=int, default=5, help="cases run through nnUNetv2_predict one by one")
     args = parser.parse_args()
     if args.worker:
@@ -255,7 +257,7 @@ def measure_rows(
     rows = []
     for kind, backend, precision in [("floor", "nnunet", "fp32"), *(("ours", b, p) for b, p in OURS)]:
         spec = {"kind": kind, "backend": backend, "precision": precision, "tta": tta, "model": str(model),
-                "checkpoint": args.checkpoint}  # fmt: skip
+                "checkpoint": args.checkpoint, "max_batch": args.max_batch}  # fmt: skip
         save = str(tmp / f"{backend}_{precision}.npz") if tta else None
         small = run_worker({**spec, "cases": [str(c) for c in cases], "repeats": args.repeats, "save": save}, tmp)
         large = {}
