@@ -13,14 +13,50 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# How many sigterm_as_interrupt contexts are open in this process (the fork hooks below act only inside one).
+_active = 0
+_fork_state = threading.local()
+
+
+def _before_fork() -> None:
+    """Block SIGTERM across fork() so that a child cannot take it before Python's fork handling has run.
+
+    Python clears signals that are pending at the Python level in a freshly forked child. A SIGTERM caught by the
+    inherited handler in that window is lost, and the child lives on. nnU-Net's fork pools end with SIGTERM right
+    after their (tiny) work, so on a loaded machine a worker that was not yet scheduled survived: `mlops prepare`
+    then hung in Pool.terminate(), joining it forever.
+    """
+    if _active:
+        _fork_state.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _after_fork_parent() -> None:
+    mask = getattr(_fork_state, "mask", None)
+    if mask is not None:
+        _fork_state.mask = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _after_fork_child() -> None:
+    """A forked child (a worker) stops on SIGTERM, as its parent's library expects; a pending one is delivered now."""
+    mask = getattr(_fork_state, "mask", None)
+    if mask is not None:
+        _fork_state.mask = None
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
+
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM (docker stop, Kubernetes, preemptible/Vertex AI VMs) like Ctrl-C: checkpoint, then exit.
 
-    Forked data-augmentation workers inherit the handler; in them it falls back to the default (terminate), because
+    Forked workers (nnU-Net's data augmentation and its fork pools) get the default action back (terminate), because
     nnU-Net stops its workers with SIGTERM.
     """
+    global _active
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -37,9 +73,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
+    _active += 1
     try:
         yield
     finally:
+        _active -= 1
         signal.signal(signal.SIGTERM, previous)
     # Python drops an exception raised while it runs a finalizer (``__del__``, a weakref callback): a SIGTERM that
     # lands there would be lost and the command would carry on as if nothing happened. Never lose one.
