@@ -45,8 +45,9 @@ class Browser:
             CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu-sandbox", "--no-first-run",
             "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--metrics-recording-only", "--mute-audio",
-            f"--host-resolver-rules={BLOCK_ALL_BUT_LOCALHOST}", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-            "--ignore-gpu-blocklist", f"--window-size={self.width},{self.height}", "--remote-debugging-port=0",
+            f"--host-resolver-rules={BLOCK_ALL_BUT_LOCALHOST}", "--use-angle=swiftshader",
+            "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist", f"--window-size={self.width},{self.height}",
+            "--remote-debugging-port=0",
             "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile}", "about:blank",
         ]  # fmt: skip
         port_file = self.profile / "DevToolsActivePort"
@@ -64,9 +65,8 @@ class Browser:
         self.send("Page.enable")
         self.send("Runtime.enable")
         self.send("Network.enable")
-        self.send(
-            "Emulation.setDeviceMetricsOverride", width=self.width, height=self.height, deviceScaleFactor=1, mobile=False
-        )
+        size = {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False}
+        self.send("Emulation.setDeviceMetricsOverride", **size)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -144,11 +144,8 @@ class Browser:
             for e in self.events
             if e.get("method") == "Network.requestWillBeSent"
         }
-        return [
-            f"{urls.get(e['params']['requestId'], '?')} ({e['params'].get('blockedReason') or e['params']['errorText']})"
-            for e in self.events
-            if e.get("method") == "Network.loadingFailed"
-        ]
+        failed = [e["params"] for e in self.events if e.get("method") == "Network.loadingFailed"]
+        return [f"{urls.get(p['requestId'], '?')} ({p.get('blockedReason') or p['errorText']})" for p in failed]
 
     def requested_urls(self) -> list[str]:
         """Every URL the page asked the network for (blocked ones included)."""

@@ -31,7 +31,7 @@ def centre_of_mass(seg: np.ndarray) -> tuple[int, int, int]:
     idx = np.argwhere(seg > 0)
     if len(idx) == 0:
         return tuple(int(s) // 2 for s in seg.shape[:3])  # type: ignore[return-value]
-    return tuple(int(round(float(c))) for c in idx.mean(axis=0))  # type: ignore[return-value]
+    return tuple(round(float(c)) for c in idx.mean(axis=0))  # type: ignore[return-value]
 
 
 def overlay_rgba(seg2d: np.ndarray) -> np.ndarray:
