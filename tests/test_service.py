@@ -217,6 +217,13 @@ def check_page(url: str, scan: Path, tmp: Path) -> dict:
             "(() => { const r = document.getElementById('viewer').getBoundingClientRect();"
             " return [r.left, r.top, r.right, r.bottom].map(Math.round); })()"
         )
+        errors = b.console_errors()
+        broken = tmp / "broken.nii.gz"
+        broken.write_bytes(b"this is not a scan " * 50)
+        b.set_files("#file-input", [broken])  # an API error (400 detail) becomes a readable message
+        b.wait_for("document.body.dataset.state === 'error'", 60)
+        error_text = b.evaluate("document.getElementById('error').textContent")
+        b.screenshot(tmp / "error.png")
         b.goto(f"{url}/docs")
         paths = b.wait_for(
             "[...document.querySelectorAll('.opblock-summary-path')].map(e => e.textContent).join(' ')", 60
@@ -225,7 +232,7 @@ def check_page(url: str, scan: Path, tmp: Path) -> dict:
         return {
             "legend": legend, "volumes": volumes, "shown_ml": shown_ml, "download": download, "screenshot": shot,
             "canvas": tuple(rect), "docs_paths": paths.split(), "docs": docs, "requested": b.requested_urls(),
-            "errors": b.console_errors(),
+            "errors": errors, "error_text": error_text,
         }  # fmt: skip
 
 
@@ -243,6 +250,7 @@ def assert_page(result: dict, api_volumes: dict[str, float]) -> None:
     outside = [u for u in result["requested"] if not u.startswith(("http://127.0.0.1:", "blob:", "data:"))]
     assert not outside, outside  # nothing but this service: no CDN, no web font
     assert not result["errors"], result["errors"]
+    assert result["error_text"].startswith("Error 400: broken.nii.gz:"), result["error_text"]
 
 
 @needs_chromium
