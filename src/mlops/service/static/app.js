@@ -110,6 +110,7 @@ async function initViewer() {
     isColorbar: false,
     multiplanarShowRender: niivue.SHOW_RENDER.ALWAYS,
     dragAndDropEnabled: false,
+    loadingText: "", // the status line says what is happening; an empty viewer stays empty
   });
   await nv.attachToCanvas($("viewer"));
   nv.setSliceType(nv.sliceTypeMultiplanar);
