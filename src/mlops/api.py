@@ -29,6 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mlops import __version__
 from mlops.drift import RequestLog
 from mlops.errors import Cancelled, MlopsError
+from mlops.service import install as install_service
+from mlops.service.results import json_result, wants_json
 from mlops.volumes import (
     Budget,
     InputError,
@@ -225,11 +227,14 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         version=__version__,
         description="nnU-Net v2 segmentation of 3D NIfTI volumes (Medical Segmentation Decathlon models).",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by mlops.service (FastAPI's load from a CDN)
+        redoc_url=None,
     )
     app.state.drain = drain
     app.add_middleware(
         Guard, max_bytes=max_bytes + 4096, upload_timeout_s=float(serve.upload_timeout_s), metrics=metrics
     )
+    install_service(app, cfg)  # the page, /docs, /redoc, /info, CORS, bearer token, access log
 
     @app.get("/health", summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
@@ -265,7 +270,12 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         summary="Segment a NIfTI volume",
         response_class=Response,
         responses={
-            200: {"content": {"application/gzip": {}}, "description": "The segmentation as .nii.gz"},
+            200: {
+                "content": {"application/gzip": {}, "application/json": {}},
+                "description": "The segmentation as .nii.gz; with `Accept: application/json` or `format=json`, "
+                "a JSON body of label volumes, timing and model instead",
+            },
+            401: {"description": "serve.api_token is set and the bearer token is missing or wrong"},
             400: {"description": "Not a readable NIfTI (empty, truncated, corrupt, malformed header)"},
             408: {"description": "The upload did not arrive within serve.upload_timeout_s"},
             413: {"description": "Upload, volume or estimated working memory above the configured limits"},
@@ -275,9 +285,16 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
     )
     async def predict(
         request: Request,
-        file: UploadFile = File(..., description="A .nii or .nii.gz volume"),
+        file: UploadFile | None = File(None, description="A .nii or .nii.gz volume"),
+        image: UploadFile | None = File(None, description="The same as `file`, for clients that name it `image`"),
         tta: bool | None = Query(None, description="Mirroring test-time augmentation (default: predict.tta)"),
+        format: str | None = Query(None, pattern="^(json|nifti)$", description="json: volumes as JSON, no image"),
     ) -> Response:
+        upload = file or image
+        if upload is None:
+            raise HTTPException(422, "no upload: send the volume as multipart form field 'file' (or 'image')")
+        file = upload
+        as_json = wants_json(format, request.headers.get("accept", ""))
         if drain.expired or not slots.try_acquire():
             raise HTTPException(503, "busy: too many predictions in flight; retry shortly", {"Retry-After": "1"})
         metrics.in_flight.inc()
@@ -327,6 +344,11 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
             await file.close()
             metrics.in_flight.dec()
             slots.release()
+        if as_json:
+            return JSONResponse(
+                json_result(volumes, time.perf_counter() - t0, state.segmenter),
+                headers={"X-Inference-Seconds": f"{time.perf_counter() - t0:.3f}"},
+            )
         return Response(
             body,
             media_type="application/gzip",

@@ -294,7 +294,8 @@ def predict(
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds to ensemble, or 'auto' for all trained."),
     no_tta: bool = typer.Option(False, "--no-tta", help="Turn off mirroring test-time augmentation (faster)."),
     device: str = typer.Option(None, "--device", "-d", help="auto, cuda, cpu or mps (default: predict.device)."),
-    as_json: bool = typer.Option(False, "--json", help="Print label volumes as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print label volumes, seconds, labels, model, folds as JSON."),
+    preview: bool = typer.Option(False, "--preview", help="Also write a PNG of three slices beside each output."),
 ) -> None:
     """Segment NIfTI volumes with the trained model; prints each label's volume in mm³."""
     import json
@@ -309,11 +310,21 @@ def predict(
         extra["predict.folds"] = "null" if folds == "auto" else "[" + folds + "]"
     cfg = load_config([*overrides, *(f"{k}={v}" for k, v in extra.items() if v is not None)])
     results = run_predict(cfg, Path(positional[0]), output, model)
+    previews = {}
+    if preview:
+        from mlops.preview import write_preview
+
+        previews = {r.output: write_preview(r.input, r.output, r.labels, r.volumes_mm3) for r in results}
     if as_json:
         payload = [
-            {"input": str(r.input), "output": str(r.output), "shape": r.shape, "volumes_mm3": r.volumes_mm3}
+            {
+                "input": str(r.input), "output": str(r.output), "shape": r.shape, "volumes_mm3": r.volumes_mm3,
+                "seconds": round(r.seconds, 3), "labels": {str(k): v for k, v in sorted(r.labels.items())},
+                "model": r.model, "folds": r.folds,
+                **({"preview": str(previews[r.output])} if r.output in previews else {}),
+            }
             for r in results
-        ]
+        ]  # fmt: skip
         out.print_json(json.dumps(payload))
         return
     names = list(results[0].volumes_mm3) if results else []
@@ -327,6 +338,8 @@ def predict(
         case = r.input.name.split(".nii")[0]
         table.add_row(case, str(r.output), *(f"{r.volumes_mm3[n]:.1f}" for n in names), f"{r.seconds:.2f}")
     out.print(table)
+    for png in previews.values():
+        out.print(f"Preview written to {png}")
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -42,6 +42,9 @@ class CasePrediction:
     shape: tuple[int, ...]
     volumes_mm3: dict[str, float]
     seconds: float
+    labels: dict[int, str] = field(default_factory=dict)  # label id -> name, background included
+    model: str = ""  # the model folder's name
+    folds: list[str] = field(default_factory=list)
 
 
 def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
@@ -142,7 +145,10 @@ def write_case(segmenter: Segmenter, case: LoadedCase, logits: torch.Tensor) -> 
     finally:
         tmp.unlink(missing_ok=True)
     volumes = label_volumes(seg, case.image, segmenter.labels)
-    return CasePrediction(case.src, case.dst, tuple(seg.shape), volumes, time.perf_counter() - case.started)
+    return CasePrediction(
+        case.src, case.dst, tuple(seg.shape), volumes, time.perf_counter() - case.started, dict(segmenter.labels),
+        segmenter.model_dir.name, [str(f) for f in segmenter.folds],
+    )  # fmt: skip
 
 
 def segment_file(

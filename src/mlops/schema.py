@@ -113,6 +113,8 @@ class Serve(_Section):
     model_uri: str | None = None
     model_cache: str
     record_stats: bool
+    cors_origins: list[str] = []
+    api_token: str | None = Field(default=None, repr=False)
 
 
 class Drift(_Section):

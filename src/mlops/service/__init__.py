@@ -1,0 +1,48 @@
+"""What a person or a client meets around `POST /predict`: the viewer page at ``/``, Swagger UI and ReDoc from local
+assets, ``GET /info``, CORS, the optional bearer token and the access log.
+
+:func:`install` adds all of it to the app that :func:`mlops.api.create_app` builds; nothing here loads from the
+internet at run time (the page's NiiVue, Swagger UI and ReDoc are shipped in ``static/vendor/`` with their licences).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from omegaconf import DictConfig
+
+from mlops.service.access import AccessLog, BearerToken
+from mlops.service.info import model_info
+from mlops.service.page import add_page_routes
+
+# Headers the page and a browser client read from a /predict answer (exposed to other origins under CORS).
+EXPOSED_HEADERS = ["X-Label-Volumes-mm3", "X-Inference-Seconds", "Content-Disposition"]
+
+
+def install(app: FastAPI, cfg: DictConfig) -> None:
+    """Add the page, the docs, ``/info`` and the middleware (outermost first: access log, CORS, token)."""
+    add_page_routes(app)
+
+    @app.get(
+        "/info",
+        summary="The model behind the service",
+        description="Labels (id -> name) and their colours, channels, model folder, folds, configuration, training "
+        "Dice if known, mlops and nnU-Net versions, device and backend.",
+    )
+    async def info(request: Request) -> dict:
+        return model_info(request.app.state.segmenter)
+
+    token = cfg.serve.get("api_token") or None
+    if token:
+        app.add_middleware(BearerToken, token=str(token))
+    origins = [str(o) for o in cfg.serve.get("cors_origins") or []]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
+    app.add_middleware(AccessLog)
