@@ -316,10 +316,12 @@ def predict(
 
         previews = {r.output: write_preview(r.input, r.output, r.labels, r.volumes_mm3) for r in results}
     if as_json:
+        from mlops.volumes import label_names
+
         payload = [
             {
                 "input": str(r.input), "output": str(r.output), "shape": r.shape, "volumes_mm3": r.volumes_mm3,
-                "seconds": round(r.seconds, 3), "labels": {str(k): v for k, v in sorted(r.labels.items())},
+                "seconds": round(r.seconds, 3), "labels": label_names(r.labels),
                 "model": r.model, "folds": r.folds,
                 **({"preview": str(previews[r.output])} if r.output in previews else {}),
             }

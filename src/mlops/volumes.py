@@ -332,3 +332,8 @@ def label_volumes(seg: np.ndarray, img: nib.Nifti1Image, labels: dict[int, str])
     counts = np.bincount(seg.ravel(), minlength=max(labels, default=0) + 1)
     unit = voxel_volume_mm3(img)
     return {name: round(float(counts[v]) * unit, 3) for v, name in sorted(labels.items()) if v != 0}
+
+
+def label_names(labels: dict[int, str]) -> dict[str, str]:
+    """Label id -> name with string keys in id order, as JSON clients (the CLI's --json, /info, the page) read it."""
+    return {str(k): v for k, v in sorted(labels.items())}

@@ -9,6 +9,7 @@ from typing import Any
 
 from mlops import __version__
 from mlops.palette import palette
+from mlops.volumes import label_names
 
 
 def _version(package: str) -> str | None:
@@ -45,7 +46,7 @@ def model_info(segmenter: Any) -> dict[str, Any]:
     channels = dataset_json.get("channel_names") or {str(c): f"channel {c}" for c in range(segmenter.num_channels)}
     parts = model_dir.name.split("__")  # nnU-Net's folder name: Trainer__Plans__configuration
     return {
-        "labels": {str(k): v for k, v in sorted(segmenter.labels.items())},
+        "labels": label_names(segmenter.labels),
         "colours": palette(segmenter.labels),
         "channels": {str(k): v for k, v in channels.items()},
         "model": model_dir.name,

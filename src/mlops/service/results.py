@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mlops.volumes import label_names
+
 
 def wants_json(format: str | None, accept: str) -> bool:
     """``?format=json`` or an ``Accept`` that names ``application/json`` (``?format=nifti`` wins over Accept)."""
@@ -17,7 +19,7 @@ def json_result(volumes_mm3: dict[str, float], seconds: float, segmenter: Any) -
     return {
         "volumes_mm3": volumes_mm3,
         "volumes_ml": {name: round(mm3 / 1000, 6) for name, mm3 in volumes_mm3.items()},
-        "labels": {str(k): v for k, v in sorted(segmenter.labels.items())},
+        "labels": label_names(segmenter.labels),
         "seconds": round(seconds, 3),
         "model": segmenter.model_dir.name,
         "folds": [str(f) for f in segmenter.folds],
