@@ -124,10 +124,14 @@ def run_worker(spec: dict, tmp: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- whole processes
-def timed_tree(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall time and the peak summed RSS of a command and all its children (nnU-Net spawns workers)."""
+def timed_tree(cmd: list[str], env: dict[str, str], stdout: Path | None = None) -> tuple[float, int]:
+    """Wall time and the peak summed RSS of a command and all its children (nnU-Net spawns workers).
+
+    Its standard output is dropped, or written to ``stdout`` when given.
+    """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sink = stdout.open("wb") if stdout else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.PIPE)
     peak, root = 0, psutil.Process(proc.pid)
     done = threading.Event()
 
@@ -146,6 +150,8 @@ def timed_tree(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     _, err = proc.communicate()
     done.set()
     sampler.join()
+    if stdout:
+        sink.close()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed:\n{err.decode()[-3000:]}")
     return time.perf_counter() - t0, peak

@@ -8,10 +8,12 @@ FROM python:3.11-slim-bookworm
 
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app
-# Same pins as `make install` (requirements.txt pins torch==2.13.0; on PyPI that is the CUDA build).
+# Same pins as `make install` (requirements.txt pins torch==2.13.0; on PyPI that is the CUDA build). The same image
+# runs `mlops batch` on a KubeRay cluster (deploy/kuberay/): ray[default] adds the dashboard agent, through which
+# KubeRay submits a RayJob and probes the nodes.
 COPY requirements.txt pyproject.toml README.md ./
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/python -m pip install -r requirements.txt
+ && /opt/venv/bin/python -m pip install -r requirements.txt "ray[default]==2.60.0"
 COPY src/ src/
 COPY configs/ configs/
 RUN /opt/venv/bin/python -m pip install --no-deps --no-build-isolation . \

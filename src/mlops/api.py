@@ -419,18 +419,6 @@ def run_server(app: FastAPI, cfg: DictConfig) -> None:
 
 def fetch_model(cfg: DictConfig) -> Path:
     """Copy the model folder at ``serve.model_uri`` (``gs://...`` or any fsspec URL) to ``serve.model_cache``."""
-    import fsspec
+    from mlops.inference.fetch import fetch_model as fetch
 
-    uri = str(cfg.serve.model_uri).rstrip("/")
-    dest = Path(cfg.serve.model_cache) / Path(uri).name
-    if (dest / "plans.json").is_file():
-        logger.info(f"Model {uri} already cached in {dest}")
-        return dest
-    fs, root = fsspec.core.url_to_fs(uri)
-    if not fs.exists(f"{root}/plans.json"):
-        raise MlopsError(f"{uri}: no nnU-Net model folder there (no plans.json)")
-    tmp = dest.with_name(dest.name + ".part")
-    logger.info(f"Fetching model {uri} -> {dest}")
-    fs.get(root, str(tmp), recursive=True)
-    tmp.replace(dest)
-    return dest
+    return fetch(str(cfg.serve.model_uri), Path(cfg.serve.model_cache))

@@ -346,6 +346,70 @@ def predict(
 
 @app.command()
 @handle_errors
+def batch(
+    args: list[str] = typer.Argument(
+        None,
+        metavar="SOURCE [OVERRIDES]...",
+        help="Folder or fsspec prefix (gs://...) of NIfTI files, or a CSV/Parquet manifest; " + OVERRIDES_HELP,
+    ),
+    output: str = typer.Option(..., "--output", "-o", help="Output folder or fsspec prefix (gs://...)."),
+    model: str = typer.Option(
+        None, "--model", "-m", help="nnU-Net model folder, or its URL (gs://...) fetched once per node."
+    ),
+    folds: str = typer.Option(None, "--folds", help="Comma-separated folds to ensemble, or 'auto' for all trained."),
+    no_tta: bool = typer.Option(False, "--no-tta", help="Turn off mirroring test-time augmentation (faster)."),
+    actors: int = typer.Option(None, "--actors", help="Segmenter actors (default: batch.actors)."),
+    address: str = typer.Option(None, "--address", help="Ray cluster: auto or ray://host:10001 (batch.ray.address)."),
+    force: bool = typer.Option(False, "--force", help="Redo cases already written by the same model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON."),
+) -> None:
+    """Segment a cohort on Ray Data: every scan written under OUTPUT, plus volumes.parquet/.csv (one row a case)."""
+    from mlops.batch import run_batch
+
+    positional, overrides = split_args(args)
+    if not positional:
+        raise ConfigError("missing SOURCE: a folder or URL prefix of NIfTI files, or a .csv/.parquet manifest")
+    flags = [] if folds is None else ["predict.folds=" + ("null" if folds == "auto" else f"[{folds}]")]
+    cfg = compose(
+        [*overrides, *flags],
+        **{
+            "predict.tta": False if no_tta else None,
+            "batch.actors": actors,
+            "batch.ray.address": address,
+            "batch.force": True if force else None,
+        },
+    )
+    with sigterm_as_interrupt():
+        s = run_batch(cfg, positional[0], output, model)
+    if as_json:
+        import dataclasses
+        import json
+
+        out.print_json(json.dumps({**dataclasses.asdict(s), "cases_per_second": round(s.cases_per_second, 4)}))
+    else:
+        table = Table(title=f"Batch {s.run_id}", show_header=False, title_justify="left")
+        table.add_column(overflow="fold")
+        table.add_column(overflow="fold")
+        table.add_row("cases", f"{s.cases}: {s.done} segmented, {s.skipped} skipped (done before), {s.failed} failed")
+        table.add_row(
+            "time", f"{s.seconds:.1f} s ({s.cases_per_second:.2f} cases/s); Ray start {s.ray_start_seconds:.1f} s"
+        )
+        table.add_row("model", s.model_sha256[:12])
+        table.add_row("table", f"{s.table}\n{s.csv}")
+        out.print(table)
+    if s.failed:
+        shown = "\n  - ".join(s.errors[:20]) + ("\n  - ..." if len(s.errors) > 20 else "")
+        err.print(
+            f"[bold red]Error:[/] {s.failed} of {s.cases} case(s) failed (each has its row and error in {s.csv}):"
+            f"\n  - {shown}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
 def export(
     args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
     model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),

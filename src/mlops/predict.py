@@ -83,6 +83,7 @@ def load_segmenter(cfg: DictConfig, folder: Path) -> Segmenter:
         backend=str(cfg.predict.get("backend", "auto")),
         precision=str(cfg.predict.get("precision", "auto")),
         max_batch=cfg.predict.get("max_batch"),
+        threads=cfg.predict.get("threads"),
     )
     logger.info(
         f"Loaded {folder.name} folds {seg.folds} on {seg.device} ({seg.backend}, {seg.precision}) "

@@ -88,6 +88,7 @@ class Predict(_Section):
     precision: Literal["fp32", "bf16", "fp16", "auto"] | None = None
     backend: Literal["torch", "openvino", "onnxruntime", "nnunet", "auto"] | None = None
     max_batch: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1)
 
     @field_validator("folds", mode="before")
     @classmethod
@@ -124,6 +125,25 @@ class Drift(_Section):
     num_workers: int = PositiveInt
 
 
+class BatchRay(_Section):
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+
+
+class Batch(_Section):
+    ray: BatchRay
+    actors: int = PositiveInt
+    cpus_per_actor: float | None = Field(default=None, gt=0)
+    gpus_per_actor: float = Field(ge=0)
+    batch_size: int = PositiveInt
+    read_tasks: int = PositiveInt
+    path_column: str
+    subject_column: str
+    case_column: str
+    model_cache: str
+    force: bool
+
+
 class Config(_Section):
     seed: int | None = None
     dataset: Dataset
@@ -135,6 +155,7 @@ class Config(_Section):
     predict: Predict
     serve: Serve
     drift: Drift
+    batch: Batch
 
 
 def validate(values: dict[str, Any]) -> None:

@@ -155,6 +155,9 @@ class OnnxRunner:
         return torch.from_numpy(out)
 
 
-def set_cpu_threads() -> None:
-    """Every core for the one case in flight (nnU-Net caps at nnUNet_def_n_proc; one case is all the work here)."""
-    torch.set_num_threads(os.cpu_count() or 1)
+def set_cpu_threads(threads: int | None = None) -> None:
+    """Every core for the one case in flight (nnU-Net caps at nnUNet_def_n_proc; one case is all the work here).
+
+    ``threads`` caps it where several engines share a machine (Ray actors, each given its share of the cores).
+    """
+    torch.set_num_threads(int(threads) if threads else os.cpu_count() or 1)

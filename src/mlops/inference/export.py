@@ -44,6 +44,14 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(checkpoints: list[Path]) -> str:
+    """One hash of the weights of every fold a prediction uses: what says two outputs came from the same model."""
+    digest = hashlib.sha256()
+    for checkpoint in checkpoints:
+        digest.update(f"{checkpoint.parent.name}/{checkpoint.name}:{sha256(checkpoint)}\n".encode())
+    return digest.hexdigest()
+
+
 def export_dir(model_dir: Path, fold: int | str) -> Path:
     return Path(model_dir) / f"fold_{fold}" / "export"
 

@@ -48,10 +48,11 @@ class Segmenter:
         backend: str = "auto",
         precision: str = "auto",
         max_batch: int | None = None,
+        threads: int | None = None,
     ) -> None:
         self.device = nnunet.resolve_device(device)
         if self.device.type == "cpu":
-            backends.set_cpu_threads()
+            backends.set_cpu_threads(threads)
         self.model = nnunet.load_trained_network(Path(model_dir), folds, checkpoint)
         m = self.model
         self.model_dir, self.folds, self.default_tta = m.model_dir, m.folds, tta

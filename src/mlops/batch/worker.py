@@ -1,0 +1,127 @@
+"""The two Ray Data stages of a batch run: read an input's bytes, then segment it in a stateful actor.
+
+Reading is a light task (I/O, no model) that also decides whether a case is already done: its output exists and
+its record names the same weights and mirroring. Segmenting holds the same :class:`~mlops.inference.Segmenter` as
+`mlops predict`, loaded once per actor, and decodes, checks and segments exactly as `mlops predict` does, so the
+files are the same voxel for voxel and header for header. A bad case becomes a row with its error; it never raises,
+so one junk file cannot fail a batch of thousands (Ray retries only what a dead actor left unfinished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from loguru import logger
+from omegaconf import DictConfig
+
+from mlops.batch import sink
+from mlops.errors import MlopsError
+from mlops.volumes import Budget, ModelGrid, check_volume, decode_nifti, label_volumes, segmentation_like, to_gzip_bytes
+
+
+def read_input(row: dict[str, Any], *, model_sha256: str, tta: bool, force: bool, run_id: str) -> dict[str, Any]:
+    """The input's bytes, or the finished record that makes the case a skip, or the error that fails it."""
+    row = dict(row, data=b"", done="", read_error=row.get("error") or "")
+    if row["read_error"]:
+        return row
+    try:
+        record = sink.read_record(row["record"])
+        if (
+            record is not None
+            and record.get("model_sha256") == model_sha256
+            and bool(record.get("tta")) == tta
+            and (not force or record.get("run_id") == run_id)  # --force: only this run's own (a retried actor's)
+            and sink.exists(row["output"])
+        ):
+            row["done"] = json.dumps(record)
+            return row
+        row["data"] = sink.read_bytes(row["input"])
+    except FileNotFoundError:
+        row["read_error"] = f"{row['input']}: no such file"
+    except Exception as exc:  # permissions, a bucket that vanished: the row says so, the run goes on
+        row["read_error"] = f"{row['input']}: cannot read it ({type(exc).__name__}: {exc})"
+    return row
+
+
+class SegmentActor:
+    """One warm model per Ray actor; ``__call__`` segments a batch of read rows and returns their table rows."""
+
+    def __init__(self, cfg: DictConfig, model_dir: str, model_uri: str | None, model_sha256: str, run_id: str) -> None:
+        from mlops.inference.fetch import fetch_model
+        from mlops.predict import load_segmenter
+
+        # A model given by URL is fetched once per node (the driver's copy is on another machine in a cluster).
+        folder = fetch_model(model_uri, Path(cfg.batch.model_cache)) if model_uri else Path(model_dir)
+        self.segmenter = load_segmenter(cfg, folder)
+        self.tta = bool(cfg.predict.tta)
+        self.model_sha256, self.run_id = model_sha256, run_id
+        self.max_voxels = int(cfg.predict.max_voxels) if cfg.predict.get("max_voxels") else None
+        mib = cfg.predict.get("max_request_mib")
+        self.budget = Budget(ModelGrid.of(self.segmenter), int(float(mib) * 2**20)) if mib else None
+        self.names = [name for value, name in sorted(self.segmenter.labels.items()) if value != 0]
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [self._one({k: v[i] for k, v in batch.items()}) for i in range(len(batch["case"]))]
+        return {key: [r[key] for r in rows] for key in rows[0]}
+
+    def _row(self, item: dict[str, Any], status: str, **values: Any) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "case": str(item["case"]),
+            "subject": str(item["subject"]),
+            "input": str(item["input"]),
+            "output": str(item["output"]) if status != "failed" else None,
+            "status": status,
+            "error": None,
+            "shape": None,
+            "spacing_mm": None,
+            **{f"{name}_mm3": float("nan") for name in self.names},
+            "seconds": float("nan"),
+            "model_sha256": self.model_sha256,
+            "tta": self.tta,
+            "backend": self.segmenter.backend,
+            "precision": self.segmenter.precision,
+            "run_id": self.run_id,
+            "worker": self.worker,
+        }
+        row.update(values)
+        return row
+
+    def _one(self, item: dict[str, Any]) -> dict[str, Any]:
+        if item["read_error"]:
+            return self._row(item, "failed", error=str(item["read_error"]))
+        if item["done"]:
+            record = json.loads(str(item["done"]))
+            kept = {k: v for k, v in record.items() if k not in ("status", "case", "subject", "input", "output")}
+            return self._row(item, "skipped", **kept)  # the run that wrote it: its run_id, worker, seconds
+        t0 = time.perf_counter()
+        name = str(item["input"])
+        try:
+            img = decode_nifti(bytes(item["data"]), name, self.max_voxels, self.budget)
+            data = check_volume(img, name, self.segmenter.num_channels, self.budget)
+            zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+            seg = self.segmenter.segment(data, zooms, tta=self.tta)
+            sink.write_bytes(str(item["output"]), to_gzip_bytes(segmentation_like(seg, img)))
+        except MlopsError as exc:
+            logger.warning(str(exc))
+            return self._row(item, "failed", error=str(exc))
+        except Exception as exc:  # a case the engine cannot handle must not stop the cohort
+            logger.opt(exception=exc).debug(f"{name}: segmentation failed")
+            return self._row(item, "failed", error=f"{name}: segmentation failed ({type(exc).__name__}: {exc})")
+        volumes = label_volumes(seg, img, self.segmenter.labels)
+        row = self._row(
+            item,
+            "ok",
+            shape="x".join(str(s) for s in seg.shape),
+            spacing_mm="x".join(f"{z:g}" for z in zooms),
+            **{f"{n}_mm3": float(v) for n, v in volumes.items()},
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+        sink.write_record(str(item["record"]), row)  # after the output: a record means the output is whole
+        return row
