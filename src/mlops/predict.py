@@ -6,7 +6,6 @@ In a folder, a bad file is reported and skipped; the others are still segmented,
 
 from __future__ import annotations
 
-import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,10 +28,9 @@ from mlops.volumes import (
     is_nifti_name,
     label_volumes,
     load_nifti,
+    output_name,
     segmentation_like,
 )
-
-CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$", re.IGNORECASE)
 
 
 @dataclass
@@ -103,13 +101,6 @@ def parse_folds(text: str) -> list[int | str]:
         else:
             raise ConfigError(f"--folds {text!r}: expected comma-separated fold numbers (0,1,2) or 'all'")
     return folds
-
-
-def output_name(path: Path) -> str:
-    """nnU-Net's convention: ``case_0000.nii.gz`` (channel 0) is segmented as ``case.nii.gz``."""
-    name = CHANNEL_SUFFIX.sub(r"\1", path.name)
-    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
-    return stem + ".nii.gz"
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ MAX_DATA_OFFSET = 16 << 20  # vox_offset beyond the header: extensions, never me
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MM_PER_UNIT = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$", re.IGNORECASE)
 
 
 class InputError(MlopsError):
@@ -37,6 +39,13 @@ class InputError(MlopsError):
 def is_nifti_name(name: str) -> bool:
     """``.nii`` or ``.nii.gz`` in any letter case (``CASE.NII.GZ`` from a scanner export is a NIfTI too)."""
     return name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def output_name(path: Path) -> str:
+    """nnU-Net's convention: ``case_0000.nii.gz`` (channel 0) is segmented as ``case.nii.gz``."""
+    name = CHANNEL_SUFFIX.sub(r"\1", path.name)
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+    return stem + ".nii.gz"
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mlops.errors import DatasetError
-from mlops.predict import output_name
-from mlops.volumes import is_nifti_name
+from mlops.volumes import is_nifti_name, output_name
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 RECORDS = ".mlops_batch"  # one JSON record per finished case, beside the outputs
