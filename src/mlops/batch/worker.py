@@ -25,20 +25,31 @@ from mlops.errors import MlopsError
 from mlops.volumes import Budget, ModelGrid, check_volume, decode_nifti, label_volumes, segmentation_like, to_gzip_bytes
 
 
+def finished(row: dict[str, Any], model_sha256: str, tta: bool, force: bool, run_id: str) -> dict | None:
+    """The record of a case already done by these weights and mirroring (with ``force``: by this very run), else None.
+
+    A record is written only after its output, so record + output means a whole segmentation.
+    """
+    record = sink.read_record(str(row["record"]))
+    if (
+        record is not None
+        and record.get("model_sha256") == model_sha256
+        and bool(record.get("tta")) == tta
+        and (not force or record.get("run_id") == run_id)
+        and sink.exists(str(row["output"]))
+    ):
+        return record
+    return None
+
+
 def read_input(row: dict[str, Any], *, model_sha256: str, tta: bool, force: bool, run_id: str) -> dict[str, Any]:
     """The input's bytes, or the finished record that makes the case a skip, or the error that fails it."""
     row = dict(row, data=b"", done="", read_error=row.get("error") or "")
     if row["read_error"]:
         return row
     try:
-        record = sink.read_record(row["record"])
-        if (
-            record is not None
-            and record.get("model_sha256") == model_sha256
-            and bool(record.get("tta")) == tta
-            and (not force or record.get("run_id") == run_id)  # --force: only this run's own (a retried actor's)
-            and sink.exists(row["output"])
-        ):
+        record = finished(row, model_sha256, tta, force, run_id)
+        if record is not None:
             row["done"] = json.dumps(record)
             return row
         row["data"] = sink.read_bytes(row["input"])
@@ -93,13 +104,20 @@ class SegmentActor:
         row.update(values)
         return row
 
+    def _from_record(self, item: dict[str, Any], status: str, record: dict) -> dict[str, Any]:
+        """A finished case's row as its record has it (the run and worker that wrote it, its volumes, seconds)."""
+        kept = {k: v for k, v in record.items() if k not in ("status", "case", "subject", "input", "output")}
+        return self._row(item, status, **kept)
+
     def _one(self, item: dict[str, Any]) -> dict[str, Any]:
         if item["read_error"]:
             return self._row(item, "failed", error=str(item["read_error"]))
-        if item["done"]:
-            record = json.loads(str(item["done"]))
-            kept = {k: v for k, v in record.items() if k not in ("status", "case", "subject", "input", "output")}
-            return self._row(item, "skipped", **kept)  # the run that wrote it: its run_id, worker, seconds
+        if item["done"]:  # done by an earlier run
+            return self._from_record(item, "skipped", json.loads(str(item["done"])))
+        # Done by this run already: Ray retries the whole call of an actor that died, including the cases it wrote.
+        mine = finished(item, self.model_sha256, self.tta, True, self.run_id)
+        if mine is not None:
+            return self._from_record(item, "ok", mine)
         t0 = time.perf_counter()
         name = str(item["input"])
         try:
