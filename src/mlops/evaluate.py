@@ -106,6 +106,38 @@ def from_nnunet_summary(summary: Path, labels: dict[int, str]) -> DiceReport:
     return _build(str(summary), labels, per_case)
 
 
+NEAR_ZERO_DICE = 0.05  # below this a label is effectively not segmented (chance level on hippocampus is ~0.03)
+
+
+def weak_labels(report: DiceReport, threshold: float = NEAR_ZERO_DICE) -> dict[str, float]:
+    """Labels whose mean Dice is below ``threshold``: a model that misses them must not go out silently."""
+    return {name: value for name, value in report.mean.items() if value is not None and value < threshold}
+
+
+def model_validation_warnings(model_dir: Path, folds: list[int | str], threshold: float = NEAR_ZERO_DICE) -> list[str]:
+    """One warning per fold of ``model_dir`` whose nnU-Net validation has a label with a near-zero Dice."""
+    warnings = []
+    try:
+        labels = labels_from_dataset_json(model_dir / "dataset.json")
+    except (OSError, ValueError, KeyError, DatasetError):
+        return warnings
+    for fold in folds:
+        summary = model_dir / f"fold_{fold}" / "validation" / "summary.json"
+        if not summary.is_file():
+            continue
+        try:
+            weak = weak_labels(from_nnunet_summary(summary, labels), threshold)
+        except (OSError, ValueError, KeyError):
+            continue
+        if weak:
+            shown = ", ".join(f"{n} {v:.3f}" for n, v in weak.items())
+            warnings.append(
+                f"{model_dir.name} fold {fold}: validation Dice near zero ({shown} < {threshold}); this model "
+                "does not segment those labels: train longer (e.g. train=cpu, or nnU-Net's schedule on a GPU)"
+            )
+    return warnings
+
+
 def write_report(report: DiceReport, out_dir: Path, stem: str) -> Path:
     """Write ``report`` as ``<out_dir>/<stem>.json``."""
     path = out_dir / f"{stem}.json"

@@ -388,7 +388,7 @@ def train_fold(
         saved = _save_interrupted(trainer)
         _stop_dataloaders(trainer)
         where = f"saved {saved} (epoch {trainer.current_epoch})" if saved else "nothing trained yet, no checkpoint"
-        raise TrainingInterrupted(f"training interrupted; {where}. Resume with: mlops train --continue") from None
+        raise TrainingInterrupted(f"training interrupted; {where}.") from None
     except Exception as exc:
         _stop_dataloaders(trainer)
         raise PipelineError(f"nnU-Net training failed in {folder}: {type(exc).__name__}: {exc}") from exc
@@ -410,6 +410,32 @@ def train_fold(
         resumed_from_epoch=resumed_from,
         validation_summary=summary,
     )
+
+
+def validate_fold(settings: TrainSettings, device: torch.device, checkpoint: str = "checkpoint_final.pth") -> Path:
+    """nnU-Net's own validation of a trained fold (its ``--val``): load ``checkpoint``, predict and score the fold's
+    validation cases with ``perform_actual_validation``. Returns the ``validation/summary.json`` it writes."""
+    import torch
+
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    trainer = build_trainer(settings, device)
+    folder = Path(trainer.output_folder)
+    path = folder / checkpoint
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("checkpoint_*.pth")) if folder.is_dir() else []
+        hint = "" if checkpoint != "checkpoint_final.pth" or not found else " (an unfinished run: resume it first)"
+        raise PipelineError(
+            f"{path}: no such checkpoint (found: {', '.join(found) or 'none'}){hint}; "
+            f"train the fold with `mlops train --fold {settings.fold}`"
+        )
+    try:
+        with nnunet_output_to_log():
+            trainer.load_checkpoint(str(path))
+            trainer.perform_actual_validation(settings.save_probabilities)
+    except Exception as exc:
+        raise PipelineError(f"nnU-Net validation failed in {folder}: {type(exc).__name__}: {exc}") from exc
+    return folder / "validation" / "summary.json"
 
 
 def _ddp_worker(rank: int, world_size: int, settings: TrainSettings, paths: dict[str, str]) -> None:

@@ -67,9 +67,11 @@ def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
 
 def load_segmenter(cfg: DictConfig, folder: Path) -> Segmenter:
     if not (folder / "plans.json").is_file():
+        from mlops.datasets import inventory
+
         raise PipelineError(
             f"no trained model in {folder}; train one with `mlops train --fold 0` "
-            "(or point to an nnU-Net results folder with --model)"
+            f"(or point to an nnU-Net results folder with --model); {inventory(cfg)}"
         )
     folds = None if cfg.predict.folds is None else [f if f == "all" else int(f) for f in cfg.predict.folds]
     t0 = time.perf_counter()
@@ -88,6 +90,10 @@ def load_segmenter(cfg: DictConfig, folder: Path) -> Segmenter:
         f"Loaded {folder.name} folds {seg.folds} on {seg.device} ({seg.backend}, {seg.precision}) "
         f"in {time.perf_counter() - t0:.1f} s"
     )
+    from mlops.evaluate import model_validation_warnings
+
+    for warning in model_validation_warnings(folder, list(seg.folds)):
+        logger.warning(warning)
     return seg
 
 
