@@ -16,6 +16,7 @@ import typer
 from loguru import logger
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mlops import __version__
@@ -64,13 +65,13 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TrainingInterrupted as exc:
-            err.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold yellow]Interrupted:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except ConfigError as exc:
-            err.print(f"[bold red]Usage error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]Usage error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except MlopsError as exc:
-            err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]Interrupted.[/]")
@@ -319,6 +320,45 @@ def validate(
         out.print(f"Fold {f}: {report.num_cases} validation cases, Dice {dice}; report written to {path}")
 
 
+@app.command("find-best")
+@handle_errors
+def find_best(
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    configurations: str = typer.Option(
+        None, "--configurations", "-c", help="Comma-separated configurations (default: every trained one)."
+    ),
+    folds: str = typer.Option(None, "--folds", "-f", help="Comma-separated folds (default: those validated in all)."),
+    no_ensembles: bool = typer.Option(False, "--no-ensembles", help="Do not try ensembles of configurations."),
+) -> None:
+    """nnU-Net's find_best_configuration: best configuration (or ensemble) on the cross-validation, its
+    post-processing, and inference instructions; `mlops predict`/`serve` then use that choice."""
+    from mlops.best import find_best as run_find_best
+    from mlops.train import parse_fold_list
+
+    _, overrides = split_args(args, max_positional=0)
+    cfg = compose(with_dataset(overrides, dataset))
+    chosen_folds = None
+    if folds is not None:
+        chosen_folds = [f for f in parse_fold_list(folds) if f != "all"]
+        if len(chosen_folds) != len(folds.split(",")) and "-" not in folds:
+            raise ConfigError("--folds: find-best works on the cross-validation folds 0-4, not 'all'")
+    configs = [c.strip() for c in configurations.split(",")] if configurations else None
+    choice = run_find_best(cfg, configs, chosen_folds, ensembles=not no_ensembles)  # type: ignore[arg-type]
+    table = Table(title=f"{choice.dataset}: cross-validation foreground Dice", title_justify="left")
+    table.add_column("model or ensemble", overflow="fold")
+    table.add_column("Dice", justify="right")
+    for name, value in choice.all_results.items():
+        table.add_row(name, f"{value:.4f}")
+    out.print(table)
+    out.print(f"Best: {', '.join(Path(d).name for d in choice.model_dirs)}, folds {choice.folds}")
+    out.print(
+        f"Post-processing: {', '.join(choice.postprocessing_steps) or 'none'} (Dice {choice.dice_before_pp:.4f} -> "
+        f"{choice.dice_after_pp:.4f}); {choice.postprocessing}"
+    )
+    out.print(f"Inference instructions: {choice.instructions}; `mlops predict` and `mlops serve` now use this choice")
+
+
 @app.command()
 @handle_errors
 def evaluate(
@@ -392,6 +432,8 @@ def predict(
     extra: dict[str, Any] = {"predict.device": device, "predict.tta": False if no_tta else None}
     if folds is not None:
         extra["predict.folds"] = "null" if folds == "auto" else "[" + folds + "]"
+    if folds is not None or model is not None:
+        extra["predict.best"] = "false"  # a model or folds chosen by hand: find-best's choice does not apply
     overrides = with_dataset(overrides, dataset)
     cfg = load_config([*overrides, *(f"{k}={v}" for k, v in extra.items() if v is not None)])
     results = run_predict(cfg, Path(positional[0]), output, model)

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import torch
@@ -31,6 +32,9 @@ from mlops.volumes import (
     load_nifti,
     segmentation_like,
 )
+
+if TYPE_CHECKING:
+    from mlops.best import BestChoice
 
 CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$", re.IGNORECASE)
 
@@ -53,6 +57,15 @@ def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
         return Path(override)
     if cfg.predict.get("model_dir"):
         return Path(cfg.predict.model_dir)
+    choice = best_choice(cfg)
+    if choice is not None:
+        if choice.ensemble:
+            raise PipelineError(
+                f"`mlops find-best` chose an ensemble of {len(choice.model_dirs)} configurations for {choice.dataset}; "
+                f"mlops predicts with one configuration: run nnU-Net's commands in {choice.instructions}, or choose "
+                "one with --model (or predict.best=false)"
+            )
+        return Path(choice.model_dirs[0])
     from mlops.train import export_paths, model_dir_for, prepared_dataset
 
     export_paths(cfg)
@@ -65,6 +78,15 @@ def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
     return model_dir_for(cfg, identity)
 
 
+def best_choice(cfg: DictConfig) -> BestChoice | None:
+    """`mlops find-best`'s choice for this dataset, unless a model was chosen by hand or ``predict.best=false``."""
+    if cfg.predict.get("model_dir") or not cfg.predict.get("best", True):
+        return None
+    from mlops.best import read_choice
+
+    return read_choice(cfg)
+
+
 def load_segmenter(cfg: DictConfig, folder: Path) -> Segmenter:
     if not (folder / "plans.json").is_file():
         from mlops.datasets import inventory
@@ -74,6 +96,11 @@ def load_segmenter(cfg: DictConfig, folder: Path) -> Segmenter:
             f"(or point to an nnU-Net results folder with --model); {inventory(cfg)}"
         )
     folds = None if cfg.predict.folds is None else [f if f == "all" else int(f) for f in cfg.predict.folds]
+    choice = best_choice(cfg)
+    if choice is not None and Path(choice.model_dirs[0]).resolve() != folder.resolve():
+        choice = None
+    if choice is not None:
+        folds = list(choice.folds)
     t0 = time.perf_counter()
     seg = Segmenter(
         folder,
@@ -90,6 +117,14 @@ def load_segmenter(cfg: DictConfig, folder: Path) -> Segmenter:
         f"Loaded {folder.name} folds {seg.folds} on {seg.device} ({seg.backend}, {seg.precision}) "
         f"in {time.perf_counter() - t0:.1f} s"
     )
+    if choice is not None:
+        from mlops import nnunet
+
+        seg.postprocessing, steps = nnunet.load_postprocessing(Path(choice.postprocessing))
+        logger.info(
+            f"find-best's choice: folds {choice.folds}, post-processing {steps or 'none'} "
+            f"(cross-validation Dice {choice.dice_before_pp:.4f} -> {choice.dice_after_pp:.4f})"
+        )
     from mlops.evaluate import model_validation_warnings
 
     for warning in model_validation_warnings(folder, list(seg.folds)):

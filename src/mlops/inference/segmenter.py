@@ -88,6 +88,8 @@ class Segmenter:
         else:
             self._predictor = nnunet.nnunet_predictor(m, self.device, tta, self.tile_step_size)
         self._lock = threading.Lock()
+        # Applied to each finished label map (i, j, k), e.g. nnU-Net's post-processing chosen by `mlops find-best`.
+        self.postprocessing: Callable[[np.ndarray], np.ndarray] | None = None
         logger.debug(f"Inference: {self.backend} {self.precision} on {self.device}, batch {self.max_batch}")
 
     def describe(self) -> dict[str, object]:
@@ -135,7 +137,8 @@ class Segmenter:
     def finish(self, prepared: Prepared, logits: torch.Tensor) -> np.ndarray:
         """nnU-Net's export of the logits: back to the input grid, argmax, uint8 labels in (i, j, k)."""
         seg = nnunet.logits_to_segmentation(self.model, logits, prepared.props)
-        return np.ascontiguousarray(np.asarray(seg).transpose(2, 1, 0)).astype(np.uint8)
+        seg = np.ascontiguousarray(np.asarray(seg).transpose(2, 1, 0)).astype(np.uint8)
+        return seg if self.postprocessing is None else np.ascontiguousarray(self.postprocessing(seg), np.uint8)
 
     def segment(
         self,
