@@ -368,8 +368,10 @@ def evaluate(
     pred: Path = typer.Option(None, "--pred", help="Folder of predicted segmentations (with --ref)."),
     ref: Path = typer.Option(None, "--ref", help="Folder of reference labels with the same file names."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    hd95: bool = typer.Option(False, "--hd95", help="Also the 95% Hausdorff distance (mm; slower) with --pred/--ref."),
 ) -> None:
-    """Per-label Dice (mean and per case) of a fold's validation, or of a prediction folder against references."""
+    """Per-label Dice of a fold's validation, or Dice, IoU, precision, recall, volume error (and HD95) per label and
+    case of a prediction folder against references (cases without a prediction are left out with a warning)."""
     from mlops import evaluate as ev
     from mlops.train import export_paths, parse_fold, prepared_dataset, validation_report
 
@@ -385,7 +387,7 @@ def evaluate(
             labels = ev.labels_from_dataset_json(pre_dir / "dataset.json")
         except MlopsError:
             logger.debug("no prepared dataset for label names; using label values")
-        report = ev.score_folders(pred, ref, labels)
+        report = ev.score_folders(pred, ref, labels, hd95=hd95)
         path = ev.write_report(report, Path(cfg.evaluate.output_dir), f"evaluate_{pred.name}_vs_{ref.name}")
     else:
         identity, pre_dir = prepared_dataset(cfg)
@@ -403,6 +405,15 @@ def evaluate(
         table.add_row(row["case"], *(fmt(row["dice"][n]) for n in names))
     table.add_row("[bold]mean[/]", *(f"[bold]{fmt(report.mean[n])}[/]" for n in names), end_section=True)
     out.print(table)
+    if report.metrics_mean:
+        keys = list(next(iter(report.metrics_mean.values())))
+        metrics = Table(title="Mean per label", title_justify="left")
+        metrics.add_column("label")
+        for k in keys:
+            metrics.add_column(k, justify="right")
+        for name, values in report.metrics_mean.items():
+            metrics.add_row(name, *(fmt(values[k]) for k in keys))
+        out.print(metrics)
     out.print(f"Foreground mean Dice {fmt(report.foreground_mean)}; report written to {path}")
 
 

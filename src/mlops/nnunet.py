@@ -712,3 +712,11 @@ def load_postprocessing(pkl: Path) -> tuple[Callable[[np.ndarray], np.ndarray], 
         raise PipelineError(f"{pkl}: unreadable nnU-Net post-processing file ({type(exc).__name__}: {exc})") from exc
     steps = [f"{getattr(f, '__name__', f)}({k})" for f, k in zip(fns, kwargs, strict=True)]
     return (lambda seg: apply_postprocessing(seg, fns, kwargs)), steps
+
+
+def confusion_counts(reference: np.ndarray, prediction: np.ndarray) -> tuple[int, int, int, int]:
+    """nnU-Net's own ``compute_tp_fp_fn_tn`` of two boolean masks: true/false positives, false/true negatives."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+
+    tp, fp, fn, tn = compute_tp_fp_fn_tn(reference.astype(bool), prediction.astype(bool))
+    return int(tp), int(fp), int(fn), int(tn)
