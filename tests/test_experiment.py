@@ -248,3 +248,37 @@ def test_two_folds_then_validate_find_best_and_post_processed_predict(
     _, n_before = ndimage.label(before > 0, structure=np.ones((3, 3, 3)))
     _, n_after = ndimage.label(after > 0, structure=np.ones((3, 3, 3)))
     assert n_after < n_before and (after > 0).sum() > 0.5 * (before > 0).sum()  # the real structure stays
+
+
+def test_multichannel_files_are_grouped_into_cases(synth_task_4d: Path, tmp_path: Path) -> None:
+    """nnU-Net's layout: case_0000, case_0001 are the two channels of one case, stacked as the 4D original."""
+    from mlops.predict import _load_channels, group_channels, output_name
+    from mlops.volumes import InputError
+
+    src = nib.load(synth_task_4d / "imagesTs" / "synth_004.nii.gz")
+    four_d = np.asarray(src.dataobj, dtype=np.float32)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for c in range(2):
+        nib.save(nib.Nifti1Image(four_d[..., c], src.affine, src.header), folder / f"synth_004_{c:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(four_d[..., c], src.affine, src.header), folder / f"other_{c:04d}.nii.gz")
+    nib.save(src, folder / "whole4d.nii.gz")  # a 4D file stays one case
+    files = sorted(folder.iterdir())
+    firsts, groups = group_channels(files, 2)
+    assert [p.name for p in firsts] == ["other_0000.nii.gz", "synth_004_0000.nii.gz", "whole4d.nii.gz"]
+    assert [p.name for p in groups[folder / "synth_004_0000.nii.gz"]] == [
+        "synth_004_0000.nii.gz",
+        "synth_004_0001.nii.gz",
+    ]
+    assert output_name(firsts[1]) == "synth_004.nii.gz"
+    img, data = _load_channels(groups[folder / "synth_004_0000.nii.gz"], None)
+    assert data.shape == four_d.shape and np.array_equal(data, four_d)
+    assert np.allclose(img.affine, src.affine)
+    (folder / "other_0001.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"other: the model takes 2 channels.*missing other_0001"):
+        group_channels(sorted(folder.iterdir()), 2)
+    shifted = src.affine.copy()
+    shifted[0, 3] += 5
+    nib.save(nib.Nifti1Image(four_d[..., 1], shifted, src.header), folder / "synth_004_0001.nii.gz")
+    with pytest.raises(InputError, match="channels of one case must share one grid"):
+        _load_channels(groups[folder / "synth_004_0000.nii.gz"], None)

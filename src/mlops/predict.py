@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import nibabel as nib
+import numpy as np
 import torch
 from loguru import logger
 from omegaconf import DictConfig
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from mlops.best import BestChoice
 
 CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$", re.IGNORECASE)
+CHANNEL_ANY = re.compile(r"_(\d{4})\.nii(\.gz)?$", re.IGNORECASE)
 
 
 @dataclass
@@ -163,13 +165,78 @@ class LoadedCase:
     started: float
 
 
+def group_channels(files: list[Path], num_channels: int) -> tuple[list[Path], dict[Path, list[Path]]]:
+    """nnU-Net's layout of multi-channel cases: ``case_0000``, ``case_0001``, ... are the channels of ``case``.
+
+    Returns the first file of each case (in order) and each case's channel files; a case with a channel missing
+    is an error naming it (a 4D file stays one case)."""
+    cases: dict[str, dict[int, Path]] = {}
+    singles: list[Path] = []
+    for f in files:
+        m = CHANNEL_ANY.search(f.name)
+        if m is None:
+            singles.append(f)
+            continue
+        cases.setdefault(f.name[: m.start()], {})[int(m.group(1))] = f
+    firsts, groups = list(singles), {}
+    for case, channels in sorted(cases.items()):
+        if list(channels) == [0] and _is_4d(channels[0]):
+            firsts.append(channels[0])  # one 4D file named _0000: all channels in one file
+            continue
+        missing = [f"{case}_{c:04d}" for c in range(num_channels) if c not in channels]
+        extra = [channels[c].name for c in sorted(channels) if c >= num_channels]
+        if missing or extra:
+            raise InputError(
+                f"{case}: the model takes {num_channels} channels (_0000.._{num_channels - 1:04d}); "
+                + (f"missing {', '.join(missing)}" if missing else f"unexpected {', '.join(extra)}"),
+                400,
+            )
+        ordered = [channels[c] for c in range(num_channels)]
+        firsts.append(ordered[0])
+        groups[ordered[0]] = ordered
+    return sorted(firsts), groups
+
+
+def _is_4d(path: Path) -> bool:
+    try:
+        return len(nib.load(path).shape) == 4  # header only
+    except Exception:
+        return False  # unreadable: reported with its name when the case is read
+
+
+def _load_channels(files: list[Path], max_voxels: int | None) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Channel files of one case stacked channels-last, after checking they share one grid."""
+    first = load_nifti(files[0], max_voxels)
+    arrays = [check_volume(first, str(files[0]), 1)]
+    for f in files[1:]:
+        img = load_nifti(f, max_voxels)
+        if img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine, atol=1e-4):
+            raise InputError(
+                f"{f}: shape {img.shape} / affine differ from {files[0].name} {first.shape}: channels of one case "
+                "must share one grid",
+                400,
+            )
+        arrays.append(check_volume(img, str(f), 1))
+    return first, np.stack([a.astype(np.float32, copy=False) for a in arrays], axis=-1)
+
+
 def load_case(
-    segmenter: Segmenter, src: Path, dst: Path, max_voxels: int | None, budget: Budget | None = None
+    segmenter: Segmenter,
+    src: Path,
+    dst: Path,
+    max_voxels: int | None,
+    budget: Budget | None = None,
+    channel_files: list[Path] | None = None,
 ) -> LoadedCase:
     """Decode, check (header first, then data) and preprocess one file: the work that overlaps the network's."""
     t0 = time.perf_counter()
-    img = load_nifti(src, max_voxels, budget)
-    data = check_volume(img, str(src), segmenter.num_channels, budget)
+    if channel_files and len(channel_files) > 1:
+        img, data = _load_channels(channel_files, max_voxels)
+        if budget is not None:
+            budget.check(str(src), data.shape, tuple(float(z) for z in img.header.get_zooms()[:3]), data.itemsize)
+    else:
+        img = load_nifti(src, max_voxels, budget)
+        data = check_volume(img, str(src), segmenter.num_channels, budget)
     prepared = segmenter.prepare(data, tuple(float(z) for z in img.header.get_zooms()[:3]))
     return LoadedCase(src, dst, img, prepared, t0)
 
@@ -231,8 +298,20 @@ def predict(
     budget = None
     if cfg.predict.get("max_request_mib"):
         budget = Budget(ModelGrid.of(segmenter), int(float(cfg.predict.max_request_mib) * 2**20))
+    groups: dict[Path, list[Path]] = {}
+    if segmenter.num_channels > 1:
+        if source.is_dir():
+            firsts, groups = group_channels([p for p, _ in targets], segmenter.num_channels)
+            out_dir = targets[0][1].parent
+            targets = [(p, out_dir / output_name(p)) for p in firsts]
+        elif CHANNEL_SUFFIX.search(source.name):  # case_0000.nii.gz given: its sibling channels belong to it
+            prefix = CHANNEL_SUFFIX.sub("", source.name)
+            siblings = [p for p in source.parent.iterdir() if CHANNEL_ANY.search(p.name)
+                        and p.name[: CHANNEL_ANY.search(p.name).start()] == prefix]  # fmt: skip
+            _, groups = group_channels(sorted(siblings), segmenter.num_channels)
     if len(targets) == 1:
-        return [segment_file(segmenter, *targets[0], max_voxels, tta, budget)]
+        case = load_case(segmenter, *targets[0], max_voxels, budget, groups.get(targets[0][0]))
+        return [write_case(segmenter, case, segmenter.logits(case.prepared, tta))]
 
     results: list[CasePrediction] = []
     failures: list[str] = []
@@ -258,11 +337,12 @@ def predict(
             failed(src, exc)
 
     with ThreadPoolExecutor(1, "mlops-load") as loader, ThreadPoolExecutor(1, "mlops-write") as writer:
-        loads = {0: loader.submit(load_case, segmenter, *targets[0], max_voxels, budget)}
+        loads = {0: loader.submit(load_case, segmenter, *targets[0], max_voxels, budget, groups.get(targets[0][0]))}
         writing: tuple[Path, Future[CasePrediction]] | None = None
         for i, (src, _) in enumerate(track(targets, "Segmenting", total=len(targets))):
             if i + 1 < len(targets):  # decode + preprocess the next case while this one runs
-                loads[i + 1] = loader.submit(load_case, segmenter, *targets[i + 1], max_voxels, budget)
+                nxt = targets[i + 1]
+                loads[i + 1] = loader.submit(load_case, segmenter, *nxt, max_voxels, budget, groups.get(nxt[0]))
             try:
                 case = loads.pop(i).result()
                 logits = segmenter.logits(case.prepared, tta)
