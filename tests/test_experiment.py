@@ -233,13 +233,17 @@ def test_two_folds_then_validate_find_best_and_post_processed_predict(
     nib.save(nib.Nifti1Image(data, img.affine, img.header), crafted)
 
     raw = run_mlops("predict", str(crafted), "--no-tta", "-o", str(tmp_path / "raw.nii.gz"), "predict.best=false",
-                    env=ws.env())  # fmt: skip
+                    "--save-probabilities", env=ws.env())  # fmt: skip
     assert raw.returncode == 0, raw.stderr[-3000:]
     pp = run_mlops("predict", str(crafted), "--no-tta", "-o", str(tmp_path / "pp.nii.gz"), env=ws.env())
     assert pp.returncode == 0, pp.stderr[-3000:]
     assert "find-best's choice: folds [0, 1]" in pp.stderr
     before = np.asarray(nib.load(tmp_path / "raw.nii.gz").dataobj)
     after = np.asarray(nib.load(tmp_path / "pp.nii.gz").dataobj)
+    probs = np.load(tmp_path / "raw.npz")["probabilities"]  # nnU-Net's layout: classes, z, y, x
+    assert probs.shape == (3, *before.shape[::-1]) and np.allclose(probs.sum(axis=0), 1, atol=1e-3)
+    assert (probs.argmax(axis=0).transpose(2, 1, 0) == before).mean() > 0.999
+    assert (tmp_path / "raw.pkl").is_file()
     blob = (slice(1, 8), slice(18, 25), slice(1, 8))
     assert (before[blob] > 0).any(), "the crafted structure was not segmented: the assertions below could not fail"
     changed = before != after

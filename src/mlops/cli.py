@@ -431,6 +431,9 @@ def predict(
     device: str = typer.Option(None, "--device", "-D", help=DEVICE_HELP + " (default: predict.device)."),
     as_json: bool = typer.Option(False, "--json", help="Print label volumes, seconds, labels, model, folds as JSON."),
     preview: bool = typer.Option(False, "--preview", help="Also write a PNG of three slices beside each output."),
+    save_probabilities: bool = typer.Option(
+        False, "--save-probabilities", help="Also write <case>.npz (softmax) + .pkl, nnU-Net's layout."
+    ),
 ) -> None:
     """Segment NIfTI volumes with the trained model; prints each label's volume in mm³."""
     import json
@@ -447,7 +450,7 @@ def predict(
         extra["predict.best"] = "false"  # a model or folds chosen by hand: find-best's choice does not apply
     overrides = with_dataset(overrides, dataset)
     cfg = load_config([*overrides, *(f"{k}={v}" for k, v in extra.items() if v is not None)])
-    results = run_predict(cfg, Path(positional[0]), output, model)
+    results = run_predict(cfg, Path(positional[0]), output, model, save_probabilities=save_probabilities)
     previews = {}
     if preview:
         from mlops.preview import write_preview

@@ -241,9 +241,27 @@ def load_case(
     return LoadedCase(src, dst, img, prepared, t0)
 
 
-def write_case(segmenter: Segmenter, case: LoadedCase, logits: torch.Tensor) -> CasePrediction:
-    """nnU-Net's export of the logits to the input's grid, saved atomically with the input's geometry."""
-    seg = segmenter.finish(case.prepared, logits)
+def write_case(
+    segmenter: Segmenter, case: LoadedCase, logits: torch.Tensor, save_probabilities: bool = False
+) -> CasePrediction:
+    """nnU-Net's export of the logits to the input's grid, saved atomically with the input's geometry; with
+    ``save_probabilities`` also ``<case>.npz`` (``probabilities``: classes x z x y x) and ``<case>.pkl`` (the
+    case's properties), nnU-Net's ``--save_probabilities`` layout."""
+    if save_probabilities:
+        import pickle
+
+        seg, probs = segmenter.finish_with_probabilities(case.prepared, logits)
+        stem = case.dst.parent / case.dst.name.split(".nii")[0]
+        case.dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stem.with_name(f".{stem.name}.part.npz")
+        try:
+            np.savez_compressed(tmp, probabilities=probs.astype(np.float32))
+            tmp.replace(stem.with_suffix(".npz"))
+        finally:
+            tmp.unlink(missing_ok=True)
+        stem.with_suffix(".pkl").write_bytes(pickle.dumps(case.prepared.props))
+    else:
+        seg = segmenter.finish(case.prepared, logits)
     out = segmentation_like(seg, case.image)
     case.dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = case.dst.with_name(f".{case.dst.name}.part.nii.gz")
@@ -273,7 +291,12 @@ def segment_file(
 
 
 def predict(
-    cfg: DictConfig, source: Path, output: Path | None = None, model: Path | None = None, tta: bool | None = None
+    cfg: DictConfig,
+    source: Path,
+    output: Path | None = None,
+    model: Path | None = None,
+    tta: bool | None = None,
+    save_probabilities: bool = False,
 ) -> list[CasePrediction]:
     """Segment a file (output: ``-o`` file, default ``<case>_seg.nii.gz`` beside it) or a folder (``-o`` folder).
 
@@ -311,7 +334,7 @@ def predict(
             _, groups = group_channels(sorted(siblings), segmenter.num_channels)
     if len(targets) == 1:
         case = load_case(segmenter, *targets[0], max_voxels, budget, groups.get(targets[0][0]))
-        return [write_case(segmenter, case, segmenter.logits(case.prepared, tta))]
+        return [write_case(segmenter, case, segmenter.logits(case.prepared, tta), save_probabilities)]
 
     results: list[CasePrediction] = []
     failures: list[str] = []
@@ -350,7 +373,7 @@ def predict(
                 failed(src, exc)
                 continue
             collect(writing)
-            writing = (src, writer.submit(write_case, segmenter, case, logits))
+            writing = (src, writer.submit(write_case, segmenter, case, logits, save_probabilities))
         collect(writing)
     if failures:
         raise InputError(

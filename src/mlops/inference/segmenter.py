@@ -140,6 +140,15 @@ class Segmenter:
         seg = np.ascontiguousarray(np.asarray(seg).transpose(2, 1, 0)).astype(np.uint8)
         return seg if self.postprocessing is None else np.ascontiguousarray(self.postprocessing(seg), np.uint8)
 
+    def finish_with_probabilities(self, prepared: Prepared, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`finish` plus the softmax on the input grid in nnU-Net's layout (classes, z, y, x), as nnU-Net's
+        ``--save_probabilities`` writes it (the post-processing, as in nnU-Net, changes the labels only)."""
+        seg, probs = nnunet.logits_to_segmentation(self.model, logits, prepared.props, probabilities=True)
+        seg = np.ascontiguousarray(np.asarray(seg).transpose(2, 1, 0)).astype(np.uint8)
+        if self.postprocessing is not None:
+            seg = np.ascontiguousarray(self.postprocessing(seg), np.uint8)
+        return seg, np.asarray(probs)
+
     def segment(
         self,
         image: np.ndarray,
