@@ -221,7 +221,7 @@ def test_two_folds_then_validate_find_best_and_post_processed_predict(
     assert Path(choice["postprocessing"]).is_file() and choice["postprocessing_steps"], choice
     assert choice["dice_after_pp"] > choice["dice_before_pp"]
     assert (ws.results / "Dataset500_Synthetic" / "inference_instructions.txt").is_file()
-    assert "Post-processing: remove_all_but_largest_component" in best.stdout
+    assert "remove_all_but_largest_component" in best.stdout and "labels_or_regions=" in best.stdout
 
     # An input with a second, smaller bright structure where the training data never had one.
     src = synth_task / "imagesTs" / "synth_008.nii.gz"
@@ -232,10 +232,13 @@ def test_two_folds_then_validate_find_best_and_post_processed_predict(
     crafted = tmp_path / "crafted.nii.gz"
     nib.save(nib.Nifti1Image(data, img.affine, img.header), crafted)
 
-    raw = run_mlops("predict", str(crafted), "--no-tta", "-o", str(tmp_path / "raw.nii.gz"), "predict.best=false",
+    raw_out = str(tmp_path / "raw.nii.gz")  # the same folds chosen by hand: find-best's post-processing is off
+    raw = run_mlops("predict", str(crafted), "-d", "500", "--folds", "0,1", "--no-tta", "-o", raw_out,
                     "--save-probabilities", env=ws.env())  # fmt: skip
     assert raw.returncode == 0, raw.stderr[-3000:]
-    pp = run_mlops("predict", str(crafted), "--no-tta", "-o", str(tmp_path / "pp.nii.gz"), env=ws.env())
+    pp = run_mlops(
+        "predict", str(crafted), "-d", "Synthetic", "--no-tta", "-o", str(tmp_path / "pp.nii.gz"), env=ws.env()
+    )
     assert pp.returncode == 0, pp.stderr[-3000:]
     assert "find-best's choice: folds [0, 1]" in pp.stderr
     before = np.asarray(nib.load(tmp_path / "raw.nii.gz").dataobj)

@@ -353,8 +353,8 @@ def find_best(
     out.print(table)
     out.print(f"Best: {', '.join(Path(d).name for d in choice.model_dirs)}, folds {choice.folds}")
     out.print(
-        f"Post-processing: {', '.join(choice.postprocessing_steps) or 'none'} (Dice {choice.dice_before_pp:.4f} -> "
-        f"{choice.dice_after_pp:.4f}); {choice.postprocessing}"
+        f"Post-processing: {escape(', '.join(choice.postprocessing_steps)) or 'none'} "
+        f"(Dice {choice.dice_before_pp:.4f} -> {choice.dice_after_pp:.4f}); {choice.postprocessing}"
     )
     out.print(f"Inference instructions: {choice.instructions}; `mlops predict` and `mlops serve` now use this choice")
 

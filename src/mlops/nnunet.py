@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -700,6 +701,11 @@ def find_best_configuration(
     return info
 
 
+def _plain(value: object) -> object:
+    """numpy scalars as plain numbers (nnU-Net stores label ids as np.int64)."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 def load_postprocessing(pkl: Path) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
     """The post-processing ``find_best_configuration`` chose (nnU-Net's ``postprocessing.pkl``), as one function
     applying it with nnU-Net's ``apply_postprocessing``, and a description of its steps."""
@@ -710,7 +716,10 @@ def load_postprocessing(pkl: Path) -> tuple[Callable[[np.ndarray], np.ndarray], 
         fns, kwargs = load_pickle(str(pkl))
     except Exception as exc:
         raise PipelineError(f"{pkl}: unreadable nnU-Net post-processing file ({type(exc).__name__}: {exc})") from exc
-    steps = [f"{getattr(f, '__name__', f)}({k})" for f, k in zip(fns, kwargs, strict=True)]
+    steps = [
+        f"{getattr(f, '__name__', f)}({', '.join(f'{k}={json.dumps(v, default=_plain)}' for k, v in kw.items())})"
+        for f, kw in zip(fns, kwargs, strict=True)
+    ]
     return (lambda seg: apply_postprocessing(seg, fns, kwargs)), steps
 
 
