@@ -97,7 +97,7 @@ def test_resume_hint_executed_as_printed_resumes_the_run(
 ) -> None:
     """Interrupt fold 2 of `--fold 2,3` (by dataset name); the printed command resumes fold 2, then trains fold 3."""
     ws = _private(prepared_synth, tmp_path_factory.mktemp("hint"))
-    fast = ["train=quick", "train.epochs=4", "train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1"]
+    fast = ["train=quick", "train.epochs=3", "train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1"]
     fast += ["train.validate=false", "train.num_workers=0", "wandb.mode=disabled"]
     exe = Path(sys.executable).parent / "mlops"
     proc = subprocess.Popen(
@@ -107,7 +107,7 @@ def test_resume_hint_executed_as_printed_resumes_the_run(
     fold2 = ws.results / "Dataset500_Synthetic" / MODEL / "fold_2"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if (fold2 / "mlops_train.log").is_file() and "Epoch 1/4" in (fold2 / "mlops_train.log").read_text():
+        if (fold2 / "mlops_train.log").is_file() and "Epoch 1/3" in (fold2 / "mlops_train.log").read_text():
             break
         time.sleep(0.2)
     assert proc.poll() is None, "training ended before it could be interrupted"
@@ -120,15 +120,15 @@ def test_resume_hint_executed_as_printed_resumes_the_run(
     assert "--dataset Dataset500_Synthetic --fold 2,3 --device cpu" in shlex.join(words)
     assert all(o in words for o in fast)  # the schedule overrides, as given
     interrupted_at = torch.load(fold2 / "checkpoint_latest.pth", weights_only=False)["current_epoch"]
-    assert 1 <= interrupted_at < 4
+    assert 1 <= interrupted_at < 3
     resumed = run_mlops(*words[1:], env=ws.env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from checkpoint_latest.pth at epoch {interrupted_at}/4" in resumed.stderr
+    assert f"Resuming from checkpoint_latest.pth at epoch {interrupted_at}/3" in resumed.stderr
     for fold in (2, 3):
         ckpt = torch.load(fold2.with_name(f"fold_{fold}") / "checkpoint_final.pth", weights_only=False)
-        assert ckpt["current_epoch"] == 4 and len(ckpt["logging"]["train_losses"]) == 4, fold
+        assert ckpt["current_epoch"] == 3 and len(ckpt["logging"]["train_losses"]) == 3, fold
     again = run_mlops(*words[1:], env=ws.env())  # both folds finished: nothing left to train
-    assert again.returncode == 0 and again.stderr.count("already finished its 4 epochs") == 2, again.stderr[-2000:]
+    assert again.returncode == 0 and again.stderr.count("already finished its 3 epochs") == 2, again.stderr[-2000:]
 
 
 def test_cpu_duration_estimate_of_the_full_schedule(prepared_synth: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
