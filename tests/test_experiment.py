@@ -289,3 +289,17 @@ def test_multichannel_files_are_grouped_into_cases(synth_task_4d: Path, tmp_path
     nib.save(nib.Nifti1Image(four_d[..., 1], shifted, src.header), folder / "synth_004_0001.nii.gz")
     with pytest.raises(InputError, match="channels of one case must share one grid"):
         _load_channels(groups[folder / "synth_004_0000.nii.gz"], None)
+
+
+@pytest.mark.parametrize(
+    "command", ["prepare", "train", "validate", "find-best", "evaluate", "predict", "export", "serve", "drift"]
+)
+def test_every_dataset_command_takes_dataset(command: str) -> None:
+    from typer.testing import CliRunner
+
+    from mlops.cli import app
+
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--dataset" in result.output and "-d" in result.output
+    if command in ("train", "validate", "predict"):
+        assert "--device" in result.output and "-D" in result.output
