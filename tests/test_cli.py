@@ -14,7 +14,7 @@ from mlops.errors import ConfigError
 
 from .conftest import Workspace, run_mlops
 
-COMMANDS = ["synth", "download", "prepare", "train", "evaluate", "predict", "serve", "drift"]
+COMMANDS = ["synth", "download", "prepare", "train", "validate", "find-best", "evaluate", "predict", "serve", "drift"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -9,11 +9,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from loguru import logger
 from typer.testing import CliRunner
 
 from mlops.cli import app
 from mlops.errors import DatasetError
-from mlops.evaluate import dice, score_folders
+from mlops.evaluate import dice, label_metrics, score_folders
 
 
 def _save(arr: np.ndarray, path: Path) -> None:
@@ -45,19 +46,74 @@ def test_score_folders(tmp_path: Path) -> None:
     assert report.num_cases == 2
     assert report.mean == {"Anterior": 0.5, "Posterior": 1.0}
     assert report.foreground_mean == 0.75
-    assert report.per_case[1] == {"case": "b", "dice": {"Anterior": 0.0, "Posterior": 1.0}}
+    row = report.per_case[1]
+    assert (row["case"], row["dice"]) == ("b", {"Anterior": 0.0, "Posterior": 1.0})
+    assert row["metrics"]["Anterior"]["recall"] == 0.0 and row["metrics"]["Anterior"]["precision"] is None
     json.loads(report.to_json())  # valid JSON, no NaN
 
 
-def test_missing_prediction_and_shape_mismatch(tmp_path: Path) -> None:
+def test_partial_set_is_scored_with_a_warning_and_shape_mismatch_fails(tmp_path: Path) -> None:
     _save(np.ones((4, 4, 4)), tmp_path / "ref" / "a.nii.gz")
     _save(np.ones((4, 4, 4)), tmp_path / "ref" / "b.nii.gz")
-    _save(np.ones((4, 4, 3)), tmp_path / "pred" / "a.nii.gz")
-    with pytest.raises(DatasetError, match="no prediction for 1 reference case"):
-        score_folders(tmp_path / "pred", tmp_path / "ref")
-    _save(np.ones((4, 4, 4)), tmp_path / "pred" / "b.nii.gz")
+    _save(np.ones((4, 4, 4)), tmp_path / "ref" / "c.nii.gz")
+    _save(np.ones((4, 4, 4)), tmp_path / "pred" / "a.nii.gz")
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        report = score_folders(tmp_path / "pred", tmp_path / "ref")
+    finally:
+        logger.remove(sink)
+    assert report.num_cases == 1 and report.missing == ["b", "c"] and report.mean == {"label_1": 1.0}
+    assert any("no prediction for 2 of 3 reference case(s), left out: b, c" in m for m in messages), messages
+    _save(np.ones((4, 4, 4)), tmp_path / "other" / "z.nii.gz")
+    with pytest.raises(DatasetError, match="no prediction for any of the 3 reference"):
+        score_folders(tmp_path / "other", tmp_path / "ref")
+    _save(np.ones((4, 4, 3)), tmp_path / "pred" / "b.nii.gz")
     with pytest.raises(DatasetError, match=r"shape \(4, 4, 3\) differs"):
         score_folders(tmp_path / "pred", tmp_path / "ref")
+
+
+def test_label_metrics_by_hand() -> None:
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[:2] = 1  # 32 voxels
+    pred = np.zeros_like(ref)
+    pred[1:4] = 1  # 48 voxels, 16 shared: tp 16, fp 32, fn 16
+    m = label_metrics(pred, ref, 1, (2.0, 1.0, 1.0), hd95=True)
+    assert m["dice"] == pytest.approx(2 * 16 / (2 * 16 + 32 + 16))  # 0.4
+    assert m["iou"] == pytest.approx(16 / 64)
+    assert m["precision"] == pytest.approx(16 / 48)
+    assert m["recall"] == pytest.approx(16 / 32)
+    assert m["volume_error_mm3"] == pytest.approx((48 - 32) * 2.0)  # voxels of 2 mm³
+    assert m["relative_volume_error"] == pytest.approx(0.5)
+    # the slabs' surfaces: ref x=0,1 / pred x=1..3 (x spacing 2 mm); every surface voxel of one is within 0 or
+    # 2 mm (one x step) of the other's surface except pred's far face x=3, 4 mm from ref's x=1 face
+    assert m["hd95_mm"] == pytest.approx(4.0)
+    a, b = np.zeros((6, 3, 3), np.uint8), np.zeros((6, 3, 3), np.uint8)
+    a[0, 1, 1], b[3, 1, 1] = 1, 1  # single voxels 3 steps apart along a 2 mm axis
+    assert label_metrics(b, a, 1, (2.0, 1.0, 1.0), hd95=True)["hd95_mm"] == pytest.approx(6.0)
+    assert label_metrics(a, a, 1, (1.0, 1.0, 1.0), hd95=True)["hd95_mm"] == 0.0
+    empty = label_metrics(np.zeros_like(ref), ref, 2, (1.0, 1.0, 1.0), hd95=True)  # label 2 in neither
+    assert all(math.isnan(empty[k]) for k in ("dice", "iou", "precision", "recall", "hd95_mm"))
+    assert empty["volume_error_mm3"] == 0.0
+    missed = label_metrics(np.zeros_like(ref), ref, 1, (1.0, 1.0, 1.0))
+    assert missed["dice"] == 0.0 and missed["recall"] == 0.0 and math.isnan(missed["precision"])
+    assert missed["relative_volume_error"] == -1.0 and "hd95_mm" not in missed
+
+
+def test_folder_report_has_every_metric(tmp_path: Path) -> None:
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[:2] = 1
+    pred = np.zeros_like(ref)
+    pred[1:3] = 1  # tp 16, fp 16, fn 16
+    _save(ref, tmp_path / "ref" / "a.nii.gz")
+    _save(pred, tmp_path / "pred" / "a.nii.gz")
+    report = score_folders(tmp_path / "pred", tmp_path / "ref", {0: "bg", 1: "Anterior"}, hd95=True)
+    means = report.metrics_mean["Anterior"]
+    assert means["dice"] == 0.5 and means["iou"] == pytest.approx(1 / 3, abs=1e-6)
+    assert means["precision"] == means["recall"] == 0.5 and means["volume_error_mm3"] == 0.0
+    assert means["hd95_mm"] == pytest.approx(1.0)  # the shifted slab's faces are one 1 mm step apart
+    assert report.per_case[0]["metrics"]["Anterior"]["iou"] == pytest.approx(1 / 3, abs=1e-6)
+    json.loads(report.to_json())
 
 
 def test_evaluate_cli_on_folders(synth_task: Path, tmp_path: Path, cli: CliRunner) -> None:

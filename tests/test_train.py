@@ -163,7 +163,8 @@ def test_interrupt_saves_checkpoint_and_says_how_to_resume(
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
-    assert "Resume with: mlops train --continue" in stderr
+    assert f"Resume with: mlops train --dataset Dataset500_Synthetic --fold {fold} train=quick" in stderr
+    assert "train.epochs=200 train.iterations_per_epoch=2" in stderr and "--continue" in stderr
     ckpt = torch.load(folder / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert 2 <= ckpt["current_epoch"] < 200
     assert len(ckpt["logging"]["train_losses"]) == ckpt["current_epoch"]  # the interrupted epoch is not counted

@@ -16,6 +16,7 @@ import typer
 from loguru import logger
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mlops import __version__
@@ -37,6 +38,8 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 OVERRIDES_HELP = "Hydra overrides key=value, e.g. dataset.id=621 prepare.num_workers=4."
+DATASET_HELP = "Dataset as nnU-Net takes it: id (4), folder (Dataset004_Hippocampus), name or config group (synthetic)."
+DEVICE_HELP = "auto, cuda, cpu or mps (-D: -d is the dataset, as in nnU-Net)"
 
 
 def _version(value: bool) -> None:
@@ -62,13 +65,13 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TrainingInterrupted as exc:
-            err.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold yellow]Interrupted:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except ConfigError as exc:
-            err.print(f"[bold red]Usage error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]Usage error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except MlopsError as exc:
-            err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]Interrupted.[/]")
@@ -90,6 +93,16 @@ def compose(overrides: list[str], **extra: Any) -> DictConfig:
     """Compose the config; CLI flags (``extra``) are applied as overrides after the user's own."""
     flags = [f"{k}={_override_value(v)}" for k, v in extra.items() if v is not None]
     return load_config([*overrides, *flags])
+
+
+def with_dataset(overrides: list[str], dataset: str | None) -> list[str]:
+    """The user's overrides plus those selecting ``--dataset`` (resolved against the folders the config points to)."""
+    if dataset is None:
+        return overrides
+    from mlops.config import config_dir
+    from mlops.datasets import dataset_overrides
+
+    return [*overrides, *dataset_overrides(dataset, load_config(overrides), overrides, config_dir())]
 
 
 def _override_value(value: Any) -> str:
@@ -167,6 +180,7 @@ def prepare(
         metavar="[SOURCE] [OVERRIDES]...",
         help="Decathlon task folder or .tar (default: dataset.source); " + OVERRIDES_HELP,
     ),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     force: bool = typer.Option(False, "--force", help="Redo conversion and preprocessing even if up to date."),
     workers: int = typer.Option(None, "--workers", "-j", help="Worker processes (default: prepare.num_workers)."),
 ) -> None:
@@ -174,6 +188,7 @@ def prepare(
     from mlops.prepare import prepare as run_prepare
 
     positional, overrides = split_args(args)
+    overrides = with_dataset(overrides, dataset)
     cfg = compose(
         overrides,
         **{
@@ -209,49 +224,159 @@ def prepare(
 @handle_errors
 def train(
     args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
-    fold: str = typer.Option(None, "--fold", "-f", help="Fold 0-4 or 'all' (default: train.fold)."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    fold: str = typer.Option(
+        None, "--fold", "-f", help="0-4, all, or a list (0,1,2 / 0-4), trained one after another (default: train.fold)."
+    ),
     configuration: str = typer.Option(None, "--configuration", "-c", help="2d, 3d_fullres, ... (train.configuration)."),
-    device: str = typer.Option(None, "--device", "-d", help="auto, cuda, cpu or mps (default: train.device)."),
+    device: str = typer.Option(None, "--device", "-D", help=DEVICE_HELP + " (default: train.device)."),
     gpus: int = typer.Option(None, "--gpus", help="Number of GPUs; >1 runs nnU-Net's DDP training."),
-    resume: bool = typer.Option(False, "--continue", help="Resume from the fold's latest nnU-Net checkpoint."),
+    resume: bool = typer.Option(False, "--continue", help="Resume each fold from its latest nnU-Net checkpoint."),
 ) -> None:
-    """Train nnU-Net on the prepared dataset (real schedule by default; `train=quick` for a seconds-long CPU run)."""
+    """Train nnU-Net folds on the prepared dataset (nnU-Net's schedule by default; train=cpu for a CPU, train=quick
+    for a seconds-long demo). Each fold is resumable on its own; Ctrl-C prints the exact command that resumes."""
+    from mlops.train import parse_fold_list
     from mlops.train import train as run_train
 
     _, overrides = split_args(args, max_positional=0)
-    cfg = compose(
-        overrides,
-        **{"train.fold": fold, "train.configuration": configuration, "train.device": device, "train.gpus": gpus},
-    )
-    result = run_train(cfg, continue_training=resume)
-    table = Table(title=f"{result.dataset} fold {cfg.train.fold}", show_header=False, title_justify="left")
-    table.add_column(overflow="fold")
-    table.add_column(overflow="fold")
-    table.add_row("epochs", f"{result.epochs_completed} (resumed at {result.resumed_from_epoch})")
-    table.add_row("iterations run", str(result.iterations_run))
-    table.add_row("checkpoint", str(result.checkpoint))
-    if result.validation is not None:
-        for name, value in result.validation.mean.items():
-            table.add_row(f"Dice {name}", "n/a" if value is None else f"{value:.4f}")
-        table.add_row("report", str(result.report_file))
+    selected = with_dataset(overrides, dataset)
+    flags = {"train.configuration": configuration, "train.device": device, "train.gpus": gpus}
+    cfg = compose(selected, **flags)
+    folds = parse_fold_list(fold if fold is not None else str(cfg.train.fold))
+    results = []
+    for i, f in enumerate(folds):
+        fold_cfg = compose(selected, **flags, **{"train.fold": str(f)})
+        try:
+            result = run_train(fold_cfg, continue_training=resume)
+        except TrainingInterrupted as exc:
+            hint = resume_command(fold_cfg, folds[i:], overrides, configuration, device, gpus)
+            raise TrainingInterrupted(f"{exc} Resume with: {hint}") from None
+        results.append(result)
+        table = Table(title=f"{result.dataset} fold {f}", show_header=False, title_justify="left")
+        table.add_column(overflow="fold")
+        table.add_column(overflow="fold")
+        table.add_row("epochs", f"{result.epochs_completed} (resumed at {result.resumed_from_epoch})")
+        table.add_row("iterations run", str(result.iterations_run))
+        table.add_row("checkpoint", str(result.checkpoint))
+        if result.validation is not None:
+            for name, value in result.validation.mean.items():
+                table.add_row(f"Dice {name}", "n/a" if value is None else f"{value:.4f}")
+            table.add_row("report", str(result.report_file))
+        out.print(table)
+    if len(results) > 1:
+        out.print(f"Trained folds {','.join(str(f) for f in folds)}; `mlops find-best` picks the configuration.")
+
+
+def resume_command(
+    cfg: DictConfig,
+    folds: list[int | str],
+    overrides: list[str],
+    configuration: str | None,
+    device: str | None,
+    gpus: int | None,
+) -> str:
+    """The exact command that resumes this run: its dataset (by folder name), the folds left, the user's overrides."""
+    import shlex
+
+    from mlops.train import export_paths, prepared_dataset
+
+    export_paths(cfg)
+    identity, _ = prepared_dataset(cfg)
+    words = ["mlops", "train", "--dataset", identity.folder, "--fold", ",".join(str(f) for f in folds)]
+    words += ["--configuration", configuration] if configuration else []
+    words += ["--device", device] if device else []
+    words += ["--gpus", str(gpus)] if gpus else []
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("dataset", "dataset.id", "dataset.name")]
+    return shlex.join([*words, *kept, "--continue"])
+
+
+@app.command()
+@handle_errors
+def validate(
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    fold: str = typer.Option(None, "--fold", "-f", help="Trained fold(s): 0-4, all, or a list 0,1 (train.fold)."),
+    configuration: str = typer.Option(None, "--configuration", "-c", help="2d, 3d_fullres, ... (train.configuration)."),
+    best: bool = typer.Option(False, "--best", help="Validate checkpoint_best.pth instead of checkpoint_final.pth."),
+    npz: bool = typer.Option(False, "--npz", help="Keep the softmax .npz (find-best needs them to try ensembles)."),
+    device: str = typer.Option(None, "--device", "-D", help=DEVICE_HELP + " (default: train.device)."),
+) -> None:
+    """nnU-Net's validation of trained folds (its `--val`): predict each fold's held-out cases and score them."""
+    from mlops.train import parse_fold_list
+    from mlops.train import validate as run_validate
+
+    _, overrides = split_args(args, max_positional=0)
+    selected = with_dataset(overrides, dataset)
+    flags = {
+        "train.configuration": configuration,
+        "train.device": device,
+        "train.save_probabilities": True if npz else None,
+    }
+    cfg = compose(selected, **flags)
+    for f in parse_fold_list(fold if fold is not None else str(cfg.train.fold)):
+        report, path = run_validate(compose(selected, **flags, **{"train.fold": str(f)}), best=best)
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        dice = ", ".join(f"{n} {fmt(v)}" for n, v in report.mean.items())
+        out.print(f"Fold {f}: {report.num_cases} validation cases, Dice {dice}; report written to {path}")
+
+
+@app.command("find-best")
+@handle_errors
+def find_best(
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    configurations: str = typer.Option(
+        None, "--configurations", "-c", help="Comma-separated configurations (default: every trained one)."
+    ),
+    folds: str = typer.Option(None, "--folds", "-f", help="Comma-separated folds (default: those validated in all)."),
+    no_ensembles: bool = typer.Option(False, "--no-ensembles", help="Do not try ensembles of configurations."),
+) -> None:
+    """nnU-Net's find_best_configuration: best configuration (or ensemble) on the cross-validation, its
+    post-processing, and inference instructions; `mlops predict`/`serve` then use that choice."""
+    from mlops.best import find_best as run_find_best
+    from mlops.train import parse_fold_list
+
+    _, overrides = split_args(args, max_positional=0)
+    cfg = compose(with_dataset(overrides, dataset))
+    chosen_folds = None
+    if folds is not None:
+        chosen_folds = [f for f in parse_fold_list(folds) if f != "all"]
+        if len(chosen_folds) != len(folds.split(",")) and "-" not in folds:
+            raise ConfigError("--folds: find-best works on the cross-validation folds 0-4, not 'all'")
+    configs = [c.strip() for c in configurations.split(",")] if configurations else None
+    choice = run_find_best(cfg, configs, chosen_folds, ensembles=not no_ensembles)  # type: ignore[arg-type]
+    table = Table(title=f"{choice.dataset}: cross-validation foreground Dice", title_justify="left")
+    table.add_column("model or ensemble", overflow="fold")
+    table.add_column("Dice", justify="right")
+    for name, value in choice.all_results.items():
+        table.add_row(name, f"{value:.4f}")
     out.print(table)
+    out.print(f"Best: {', '.join(Path(d).name for d in choice.model_dirs)}, folds {choice.folds}")
+    out.print(
+        f"Post-processing: {escape(', '.join(choice.postprocessing_steps)) or 'none'} "
+        f"(Dice {choice.dice_before_pp:.4f} -> {choice.dice_after_pp:.4f}); {choice.postprocessing}"
+    )
+    out.print(f"Inference instructions: {choice.instructions}; `mlops predict` and `mlops serve` now use this choice")
 
 
 @app.command()
 @handle_errors
 def evaluate(
     args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     fold: str = typer.Option(None, "--fold", "-f", help="Score this fold's nnU-Net validation (default: train.fold)."),
     pred: Path = typer.Option(None, "--pred", help="Folder of predicted segmentations (with --ref)."),
     ref: Path = typer.Option(None, "--ref", help="Folder of reference labels with the same file names."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    hd95: bool = typer.Option(False, "--hd95", help="Also the 95% Hausdorff distance (mm; slower) with --pred/--ref."),
 ) -> None:
-    """Per-label Dice (mean and per case) of a fold's validation, or of a prediction folder against references."""
+    """Per-label Dice of a fold's validation, or Dice, IoU, precision, recall, volume error (and HD95) per label and
+    case of a prediction folder against references (cases without a prediction are left out with a warning)."""
     from mlops import evaluate as ev
     from mlops.train import export_paths, parse_fold, prepared_dataset, validation_report
 
     _, overrides = split_args(args, max_positional=0)
-    cfg = compose(overrides, **{"train.fold": fold})
+    cfg = compose(with_dataset(overrides, dataset), **{"train.fold": fold})
     if (pred is None) != (ref is None):
         raise ConfigError("--pred and --ref go together")
     export_paths(cfg)
@@ -262,7 +387,7 @@ def evaluate(
             labels = ev.labels_from_dataset_json(pre_dir / "dataset.json")
         except MlopsError:
             logger.debug("no prepared dataset for label names; using label values")
-        report = ev.score_folders(pred, ref, labels)
+        report = ev.score_folders(pred, ref, labels, hd95=hd95)
         path = ev.write_report(report, Path(cfg.evaluate.output_dir), f"evaluate_{pred.name}_vs_{ref.name}")
     else:
         identity, pre_dir = prepared_dataset(cfg)
@@ -280,6 +405,15 @@ def evaluate(
         table.add_row(row["case"], *(fmt(row["dice"][n]) for n in names))
     table.add_row("[bold]mean[/]", *(f"[bold]{fmt(report.mean[n])}[/]" for n in names), end_section=True)
     out.print(table)
+    if report.metrics_mean:
+        keys = list(next(iter(report.metrics_mean.values())))
+        metrics = Table(title="Mean per label", title_justify="left")
+        metrics.add_column("label")
+        for k in keys:
+            metrics.add_column(k, justify="right")
+        for name, values in report.metrics_mean.items():
+            metrics.add_row(name, *(fmt(values[k]) for k in keys))
+        out.print(metrics)
     out.print(f"Foreground mean Dice {fmt(report.foreground_mean)}; report written to {path}")
 
 
@@ -290,12 +424,16 @@ def predict(
         None, metavar="INPUT [OVERRIDES]...", help="A .nii/.nii.gz file or a folder of them; " + OVERRIDES_HELP
     ),
     output: Path = typer.Option(None, "--output", "-o", help="Output file (file input) or folder (folder input)."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds to ensemble, or 'auto' for all trained."),
     no_tta: bool = typer.Option(False, "--no-tta", help="Turn off mirroring test-time augmentation (faster)."),
-    device: str = typer.Option(None, "--device", "-d", help="auto, cuda, cpu or mps (default: predict.device)."),
+    device: str = typer.Option(None, "--device", "-D", help=DEVICE_HELP + " (default: predict.device)."),
     as_json: bool = typer.Option(False, "--json", help="Print label volumes, seconds, labels, model, folds as JSON."),
     preview: bool = typer.Option(False, "--preview", help="Also write a PNG of three slices beside each output."),
+    save_probabilities: bool = typer.Option(
+        False, "--save-probabilities", help="Also write <case>.npz (softmax) + .pkl, nnU-Net's layout."
+    ),
 ) -> None:
     """Segment NIfTI volumes with the trained model; prints each label's volume in mm³."""
     import json
@@ -308,8 +446,11 @@ def predict(
     extra: dict[str, Any] = {"predict.device": device, "predict.tta": False if no_tta else None}
     if folds is not None:
         extra["predict.folds"] = "null" if folds == "auto" else "[" + folds + "]"
+    if folds is not None or model is not None:
+        extra["predict.best"] = "false"  # a model or folds chosen by hand: find-best's choice does not apply
+    overrides = with_dataset(overrides, dataset)
     cfg = load_config([*overrides, *(f"{k}={v}" for k, v in extra.items() if v is not None)])
-    results = run_predict(cfg, Path(positional[0]), output, model)
+    results = run_predict(cfg, Path(positional[0]), output, model, save_probabilities=save_probabilities)
     previews = {}
     if preview:
         from mlops.preview import write_preview
@@ -353,6 +494,7 @@ def batch(
         help="Folder or fsspec prefix (gs://...) of NIfTI files, or a CSV/Parquet manifest; " + OVERRIDES_HELP,
     ),
     output: str = typer.Option(..., "--output", "-o", help="Output folder or fsspec prefix (gs://...)."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     model: str = typer.Option(
         None, "--model", "-m", help="nnU-Net model folder, or its URL (gs://...) fetched once per node."
     ),
@@ -370,6 +512,9 @@ def batch(
     if not positional:
         raise ConfigError("missing SOURCE: a folder or URL prefix of NIfTI files, or a .csv/.parquet manifest")
     flags = [] if folds is None else ["predict.folds=" + ("null" if folds == "auto" else f"[{folds}]")]
+    if folds is not None or model is not None:
+        flags.append("predict.best=false")  # a model or folds chosen by hand: find-best's choice does not apply
+    overrides = with_dataset(overrides, dataset)
     cfg = compose(
         [*overrides, *flags],
         **{
@@ -413,6 +558,7 @@ def batch(
 def export(
     args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
     model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds (default: every trained fold)."),
     formats: str = typer.Option("onnx,openvino", "--formats", help="Comma-separated: onnx, openvino."),
 ) -> None:
@@ -421,7 +567,7 @@ def export(
     from mlops.predict import model_dir, parse_folds
 
     _, overrides = split_args(args, max_positional=0)
-    cfg = compose(overrides)
+    cfg = compose(with_dataset(overrides, dataset))
     chosen = parse_folds(folds) if folds else None
     exported = export_model(
         model_dir(cfg, model), chosen, str(cfg.predict.checkpoint), tuple(f.strip() for f in formats.split(","))
@@ -438,6 +584,7 @@ def export(
 @handle_errors
 def serve(
     args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     host: str = typer.Option(None, "--host", help="Interface (default: serve.host)."),
     port: int = typer.Option(None, "--port", help="Port (default: $PORT, else serve.port)."),
 ) -> None:
@@ -450,7 +597,7 @@ def serve(
     # temporary folders (wandb-media, wandb-artifacts) that a killed container leaves behind. None: ImportError.
     sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
     _, overrides = split_args(args, max_positional=0)
-    cfg = compose(overrides, **{"serve.host": host, "serve.port": port})
+    cfg = compose(with_dataset(overrides, dataset), **{"serve.host": host, "serve.port": port})
     app_ = create_app(cfg)
     intercept_stdlib_logging()
     run_server(app_, cfg)
@@ -462,6 +609,7 @@ def drift(
     args: list[str] = typer.Argument(
         None, metavar="[SOURCE] [OVERRIDES]...", help="Decathlon task or nnU-Net raw dataset folder; " + OVERRIDES_HELP
     ),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     current: str = typer.Option(None, "--current", help="test (the task's test images) or requests (served volumes)."),
     fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 2 if the drift share is above the limit."),
 ) -> None:
@@ -469,6 +617,7 @@ def drift(
     from mlops.drift import run_drift
 
     positional, overrides = split_args(args)
+    overrides = with_dataset(overrides, dataset)
     cfg = compose(overrides, **{"drift.source": positional[0] if positional else None, "drift.current": current})
     summary = run_drift(cfg)
     table = Table(title=f"Drift: {summary.current_rows} current vs {summary.reference_rows} reference volumes")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -377,6 +378,8 @@ def train_fold(
             with nnunet_output_to_log():
                 trainer.load_checkpoint(str(checkpoint))
             resumed_from = trainer.current_epoch
+            if checkpoint.name == "checkpoint_final.pth" and resumed_from >= trainer.num_epochs:
+                return _already_trained(trainer, folder, settings, resumed_from)
             logger.info(f"Resuming from {checkpoint.name} at epoch {resumed_from}/{trainer.num_epochs}")
     steps = _install_hooks(trainer, on_epoch, on_step)
     if on_start is not None:
@@ -388,7 +391,7 @@ def train_fold(
         saved = _save_interrupted(trainer)
         _stop_dataloaders(trainer)
         where = f"saved {saved} (epoch {trainer.current_epoch})" if saved else "nothing trained yet, no checkpoint"
-        raise TrainingInterrupted(f"training interrupted; {where}. Resume with: mlops train --continue") from None
+        raise TrainingInterrupted(f"training interrupted; {where}.") from None
     except Exception as exc:
         _stop_dataloaders(trainer)
         raise PipelineError(f"nnU-Net training failed in {folder}: {type(exc).__name__}: {exc}") from exc
@@ -409,6 +412,48 @@ def train_fold(
         iterations_run=steps[0],
         resumed_from_epoch=resumed_from,
         validation_summary=summary,
+    )
+
+
+def validate_fold(settings: TrainSettings, device: torch.device, checkpoint: str = "checkpoint_final.pth") -> Path:
+    """nnU-Net's own validation of a trained fold (its ``--val``): load ``checkpoint``, predict and score the fold's
+    validation cases with ``perform_actual_validation``. Returns the ``validation/summary.json`` it writes."""
+    import torch
+
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    trainer = build_trainer(settings, device)
+    folder = Path(trainer.output_folder)
+    path = folder / checkpoint
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("checkpoint_*.pth")) if folder.is_dir() else []
+        hint = "" if checkpoint != "checkpoint_final.pth" or not found else " (an unfinished run: resume it first)"
+        raise PipelineError(
+            f"{path}: no such checkpoint (found: {', '.join(found) or 'none'}){hint}; "
+            f"train the fold with `mlops train --fold {settings.fold}`"
+        )
+    try:
+        with nnunet_output_to_log():
+            trainer.load_checkpoint(str(path))
+            trainer.perform_actual_validation(settings.save_probabilities)
+    except Exception as exc:
+        raise PipelineError(f"nnU-Net validation failed in {folder}: {type(exc).__name__}: {exc}") from exc
+    return folder / "validation" / "summary.json"
+
+
+def _already_trained(trainer: nnUNetTrainer, folder: Path, settings: TrainSettings, epochs: int) -> TrainOutcome:
+    """`--continue` on a finished fold (a multi-fold run resumed past it): nothing to train; validate if missing."""
+    summary = folder / "validation" / "summary.json"
+    logger.info(f"{folder.name} already finished its {epochs} epochs; nothing to resume")
+    if settings.validate and not summary.is_file():
+        logger.info("Running nnU-Net's validation of this fold")
+        try:
+            with nnunet_output_to_log():
+                trainer.perform_actual_validation(settings.save_probabilities)
+        except Exception as exc:
+            raise PipelineError(f"nnU-Net validation failed in {folder}: {type(exc).__name__}: {exc}") from exc
+    return TrainOutcome(
+        folder, folder / "checkpoint_final.pth", epochs, 0, epochs, summary if summary.is_file() else None
     )
 
 
@@ -616,3 +661,71 @@ def nnunet_predictor(model: TrainedNetwork, device: torch.device, tta: bool, til
             model.mirror_axes or None,
         )
     return predictor
+
+
+# ------------------------------------------------------------------------------------- best configuration + pp
+def find_best_configuration(
+    dataset_id: int,
+    configurations: list[str],
+    folds: list[int],
+    plans_identifier: str = "nnUNetPlans",
+    allow_ensembling: bool = True,
+    num_processes: int = 2,
+) -> dict:
+    """nnU-Net's ``find_best_configuration`` (its Python API): merge the folds' validation of each trained
+    configuration (and, when ensembling, of each pair), pick the best foreground Dice, and determine the
+    post-processing on the cross-validation. Writes nnU-Net's ``inference_information.json`` and
+    ``inference_instructions.txt`` beside the dataset's models, as its command-line tool does."""
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    from nnunetv2.evaluation import find_best_configuration as fbc
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+
+    name = convert_id_to_dataset_name(dataset_id)
+    models = [{"plans": plans_identifier, "configuration": c, "trainer": TRAINER_NAME} for c in configurations]
+    results = Path(os.environ["nnUNet_results"]) / name
+    try:
+        with nnunet_output_to_log():
+            info = fbc.find_best_configuration(
+                name,
+                tuple(models),
+                allow_ensembling=allow_ensembling and len(models) > 1,
+                num_processes=max(1, int(num_processes)),
+                overwrite=True,
+                folds=tuple(folds),
+                strict=True,
+            )
+            save_json(info, str(results / "inference_information.json"), sort_keys=False)
+            fbc.print_inference_instructions(info, str(results / "inference_instructions.txt"))
+    except Exception as exc:
+        raise PipelineError(f"nnU-Net's find_best_configuration on {name} failed: {type(exc).__name__}: {exc}") from exc
+    return info
+
+
+def _plain(value: object) -> object:
+    """numpy scalars as plain numbers (nnU-Net stores label ids as np.int64)."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def load_postprocessing(pkl: Path) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
+    """The post-processing ``find_best_configuration`` chose (nnU-Net's ``postprocessing.pkl``), as one function
+    applying it with nnU-Net's ``apply_postprocessing``, and a description of its steps."""
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+    from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
+
+    try:
+        fns, kwargs = load_pickle(str(pkl))
+    except Exception as exc:
+        raise PipelineError(f"{pkl}: unreadable nnU-Net post-processing file ({type(exc).__name__}: {exc})") from exc
+    steps = [
+        f"{getattr(f, '__name__', f)}({', '.join(f'{k}={json.dumps(v, default=_plain)}' for k, v in kw.items())})"
+        for f, kw in zip(fns, kwargs, strict=True)
+    ]
+    return (lambda seg: apply_postprocessing(seg, fns, kwargs)), steps
+
+
+def confusion_counts(reference: np.ndarray, prediction: np.ndarray) -> tuple[int, int, int, int]:
+    """nnU-Net's own ``compute_tp_fp_fn_tn`` of two boolean masks: true/false positives, false/true negatives."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+
+    tp, fp, fn, tn = compute_tp_fp_fn_tn(reference.astype(bool), prediction.astype(bool))
+    return int(tp), int(fp), int(fn), int(tn)

@@ -79,6 +79,7 @@ class Wandb(_Section):
 class Predict(_Section):
     model_dir: str | None = None
     folds: list[int | str] | None = None
+    best: bool = True
     checkpoint: str
     tta: bool
     device: Device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from mlops import nnunet
 from mlops.config import save_config
 from mlops.errors import ConfigError, DatasetError
-from mlops.evaluate import DiceReport, from_nnunet_summary, labels_from_dataset_json, write_report
+from mlops.evaluate import (
+    NEAR_ZERO_DICE,
+    DiceReport,
+    from_nnunet_summary,
+    labels_from_dataset_json,
+    weak_labels,
+    write_report,
+)
 from mlops.interrupts import sigterm_as_interrupt
 from mlops.logs import add_file_sink
 from mlops.prepare import PRE_STAMP, DatasetIdentity, dataset_identity
@@ -42,6 +50,19 @@ def parse_fold(value: object) -> int | str:
     return "all" if fold == "all" else int(fold)
 
 
+def parse_fold_list(value: object) -> list[int | str]:
+    """``0``, ``all``, ``0,1,2`` or a range ``0-4`` -> the folds to train one after another (in the order given)."""
+    folds: list[int | str] = []
+    for item in (t.strip() for t in str(value).split(",")):
+        m = re.fullmatch(r"(\d)-(\d)", item)
+        for one in [str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)] if m else [item]:
+            fold = parse_fold(one)
+            if fold in folds:
+                raise DatasetError(f"--fold {value!r}: fold {fold} is listed twice")
+            folds.append(fold)
+    return folds
+
+
 def export_paths(cfg: DictConfig) -> None:
     nnunet.export_paths(Path(cfg.paths.raw), Path(cfg.paths.preprocessed), Path(cfg.paths.results))
 
@@ -55,9 +76,11 @@ def prepared_dataset(cfg: DictConfig) -> tuple[DatasetIdentity, Path]:
         identity = DatasetIdentity(identity.id, matches[0].name.split("_", 1)[1])
     plans = pre_root / identity.folder / f"{cfg.prepare.plans_identifier}.json"
     if not plans.is_file():
+        from mlops.datasets import inventory
+
         raise DatasetError(
             f"{pre_root / identity.folder}: no preprocessed dataset (missing {plans.name}); "
-            f"run `mlops prepare` first (dataset.id={identity.id})"
+            f"run `mlops prepare` first (dataset.id={identity.id}), or choose another with --dataset: {inventory(cfg)}"
         )
     _check_preprocessed(cfg, pre_root / identity.folder, plans, identity)
     return identity, pre_root / identity.folder
@@ -107,6 +130,38 @@ def validation_report(
     return report, write_report(report, Path(cfg.evaluate.output_dir), stem)
 
 
+# Measured here (2 CPU cores): nnU-Net's trainer runs about 0.75 s per sample of a 40x56x40 patch per iteration
+# (hippocampus 3d_fullres: batch 6 at 4.5 s/iteration, batch 2 at 1.15 s).
+CPU_SECONDS_PER_SAMPLE = 0.75
+CPU_REFERENCE_VOXELS = 40 * 56 * 40
+CPU_REFERENCE_CORES = 2
+LONG_RUN_S = 2 * 3600
+
+
+def estimate_cpu_seconds(pre_dir: Path, cfg: DictConfig) -> tuple[float, int, list[int]]:
+    """A rough duration of the schedule on this machine's CPU, from the planned patch and batch size."""
+    t = cfg.train
+    plans = json.loads((pre_dir / f"{cfg.prepare.plans_identifier}.json").read_text())
+    conf = plans["configurations"].get(str(t.configuration), {})
+    patch = [int(p) for p in conf.get("patch_size", [40, 56, 40])]
+    batch = int(t.batch_size) if t.get("batch_size") else int(conf.get("batch_size", 2))
+    voxels = 1
+    for p in patch:
+        voxels *= p
+    cores = os.cpu_count() or 1
+    per_iteration = CPU_SECONDS_PER_SAMPLE * batch * voxels / CPU_REFERENCE_VOXELS * CPU_REFERENCE_CORES / cores
+    iterations = int(t.epochs) * (int(t.iterations_per_epoch) + int(t.val_iterations_per_epoch) // 3)
+    return per_iteration * iterations, batch, patch
+
+
+def human_duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.0f} hours"
+    return f"{seconds / 60:.0f} minutes"
+
+
 def _epoch_line(m: nnunet.EpochMetrics) -> str:
     dice = ", ".join(f"{d:.3f}" for d in m.pseudo_dice)
     return (
@@ -115,19 +170,11 @@ def _epoch_line(m: nnunet.EpochMetrics) -> str:
     )
 
 
-def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
-    """Train ``cfg.train.fold`` of the prepared dataset, validate it, and record it in W&B."""
+def _settings(
+    cfg: DictConfig, identity: DatasetIdentity, fold: int | str, continue_training: bool
+) -> nnunet.TrainSettings:
     t = cfg.train
-    fold = parse_fold(t.fold)
-    if int(t.epochs) < 1 or int(t.iterations_per_epoch) < 1 or int(t.val_iterations_per_epoch) < 1:
-        raise ConfigError("train.epochs, train.iterations_per_epoch and train.val_iterations_per_epoch must be >= 1")
-    export_paths(cfg)
-    identity, pre_dir = prepared_dataset(cfg)
-    # nnU-Net reads its worker counts from the environment; its own W&B logger stays off (we log richer data).
-    os.environ["nnUNet_n_proc_DA"] = str(max(0, int(t.num_workers)))
-    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, int(cfg.prepare.num_workers))))
-    os.environ["nnUNet_wandb_enabled"] = "0"
-    settings = nnunet.TrainSettings(
+    return nnunet.TrainSettings(
         dataset_id=identity.id,
         configuration=str(t.configuration),
         fold=fold,
@@ -143,6 +190,54 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
         validate=bool(t.validate),
         save_probabilities=bool(t.save_probabilities),
     )
+
+
+def warn_weak_labels(report: DiceReport) -> None:
+    """A warning when a label's validation Dice is near zero (an all-background model must not go out silently)."""
+    weak = weak_labels(report)
+    if weak:
+        shown = ", ".join(f"{n} {v:.3f}" for n, v in weak.items())
+        logger.warning(
+            f"Validation Dice near zero for {shown} (< {NEAR_ZERO_DICE}): this model does not segment "
+            f"{'this label' if len(weak) == 1 else 'these labels'} yet; train longer (train=cpu on a CPU, "
+            "nnU-Net's schedule on a GPU) before serving it"
+        )
+
+
+def validate(cfg: DictConfig, best: bool = False) -> tuple[DiceReport, Path]:
+    """nnU-Net's validation of a trained fold, re-run (e.g. after ``train.validate=false``, or with ``--best``)."""
+    fold = parse_fold(cfg.train.fold)
+    export_paths(cfg)
+    identity, pre_dir = prepared_dataset(cfg)
+    os.environ["nnUNet_n_proc_DA"] = str(max(0, int(cfg.train.num_workers)))
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, int(cfg.prepare.num_workers))))
+    os.environ["nnUNet_wandb_enabled"] = "0"
+    settings = _settings(cfg, identity, fold, continue_training=False)
+    checkpoint = "checkpoint_best.pth" if best else "checkpoint_final.pth"
+    device = nnunet.resolve_device(str(cfg.train.device))
+    logger.info(
+        f"nnU-Net validation of {identity.folder} {settings.configuration} fold {fold} ({checkpoint}, {device})"
+    )
+    with sigterm_as_interrupt():
+        nnunet.validate_fold(settings, device, checkpoint)
+    report, path = validation_report(cfg, identity, pre_dir, fold)
+    warn_weak_labels(report)
+    return report, path
+
+
+def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
+    """Train ``cfg.train.fold`` of the prepared dataset, validate it, and record it in W&B."""
+    t = cfg.train
+    fold = parse_fold(t.fold)
+    if int(t.epochs) < 1 or int(t.iterations_per_epoch) < 1 or int(t.val_iterations_per_epoch) < 1:
+        raise ConfigError("train.epochs, train.iterations_per_epoch and train.val_iterations_per_epoch must be >= 1")
+    export_paths(cfg)
+    identity, pre_dir = prepared_dataset(cfg)
+    # nnU-Net reads its worker counts from the environment; its own W&B logger stays off (we log richer data).
+    os.environ["nnUNet_n_proc_DA"] = str(max(0, int(t.num_workers)))
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, int(cfg.prepare.num_workers))))
+    os.environ["nnUNet_wandb_enabled"] = "0"
+    settings = _settings(cfg, identity, fold, continue_training)
     model_dir = model_dir_for(cfg, identity)
     out = model_dir / f"fold_{fold}"
     out.mkdir(parents=True, exist_ok=True)
@@ -171,10 +266,28 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
         else:
             device = nnunet.resolve_device(str(t.device))
             logger.info(f"Device: {device}")
+            if device.type == "cpu":
+                estimate, batch, patch = estimate_cpu_seconds(pre_dir, cfg)
+                if estimate > LONG_RUN_S:
+                    logger.warning(
+                        f"{settings.epochs} epochs x {settings.iterations_per_epoch} iterations (batch {batch}, patch "
+                        f"{'x'.join(map(str, patch))}) on a CPU take about {human_duration(estimate)} here; nnU-Net's "
+                        "full schedule is meant for a GPU. train=cpu (12 x 50, batch 6) learns hippocampus in about "
+                        "45 minutes on 2 cores; train=quick is a seconds-long demo"
+                    )
             names = [labels[v] for v in sorted(labels) if v != 0]
+
+            first_epoch = [True]
 
             def on_epoch(m: nnunet.EpochMetrics) -> None:
                 logger.info(_epoch_line(m))
+                if first_epoch[0] and m.epoch + 1 < m.num_epochs:
+                    first_epoch[0] = False
+                    left = (m.num_epochs - m.epoch - 1) * m.epoch_time_s
+                    logger.info(
+                        f"At this pace the remaining {m.num_epochs - m.epoch - 1} epochs take about "
+                        f"{human_duration(left)}"
+                    )
                 metrics = {
                     "train/loss": m.train_loss,
                     "val/loss": m.val_loss,
@@ -200,6 +313,7 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
         if settings.validate and (out / "validation" / "summary.json").is_file():
             report, report_file = validation_report(cfg, identity, pre_dir, fold)
             logger.info(f"Validation Dice: {report.mean} (foreground mean {report.foreground_mean})")
+            warn_weak_labels(report)
             tracker.summary({f"final/dice/{k}": v for k, v in report.mean.items()})
             tracker.summary({"final/dice/foreground_mean": report.foreground_mean})
         if cfg.wandb.log_model:

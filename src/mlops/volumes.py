@@ -25,7 +25,8 @@ MAX_DATA_OFFSET = 16 << 20  # vox_offset beyond the header: extensions, never me
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MM_PER_UNIT = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$", re.IGNORECASE)
+CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$", re.IGNORECASE)  # nnU-Net's channel 0: case_0000.nii.gz
+CHANNEL_ANY = re.compile(r"_(\d{4})\.nii(\.gz)?$", re.IGNORECASE)  # any channel: case_0001.nii.gz
 
 
 class InputError(MlopsError):

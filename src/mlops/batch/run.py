@@ -75,9 +75,11 @@ def start_ray(cfg: DictConfig) -> tuple[bool, float]:
     return True, time.perf_counter() - t0
 
 
-def _checkpoints(cfg: DictConfig, folder: Path) -> list[Path]:
-    """The checkpoints a prediction with this config uses (the actors load the same ones), or nnU-Net's error."""
+def _model_files(cfg: DictConfig, folder: Path) -> list[Path]:
+    """What decides the answer of a prediction with this config (the actors load the same): each fold's checkpoint,
+    and `mlops find-best`'s post-processing when its choice applies, as in `mlops predict`; or nnU-Net's error."""
     from mlops.nnunet import available_folds
+    from mlops.predict import best_choice
 
     if not (folder / "plans.json").is_file():
         raise PipelineError(
@@ -87,13 +89,17 @@ def _checkpoints(cfg: DictConfig, folder: Path) -> list[Path]:
     checkpoint = str(cfg.predict.checkpoint)
     found = available_folds(folder, checkpoint)
     folds = found if cfg.predict.folds is None else [f if f == "all" else int(f) for f in cfg.predict.folds]
+    choice = best_choice(cfg)
+    extra: list[Path] = []
+    if choice is not None and Path(choice.model_dirs[0]).resolve() == folder:
+        folds, extra = list(choice.folds), [Path(choice.postprocessing)]
     missing = [f for f in folds if f not in found]
     if not folds or missing:
         raise PipelineError(
             f"{folder}: no {checkpoint} for fold(s) {missing or folds} (available: {found or 'none'}); "
             "train them with `mlops train --fold N`"
         )
-    return [folder / f"fold_{f}" / checkpoint for f in folds]
+    return [folder / f"fold_{f}" / checkpoint for f in folds] + extra
 
 
 def run_batch(cfg: DictConfig, source: str, dest: str, model: str | None = None) -> BatchSummary:
@@ -114,11 +120,14 @@ def run_batch(cfg: DictConfig, source: str, dest: str, model: str | None = None)
     model_uri = model if model and "://" in model else None
     folder = fetch_model(model_uri, Path(b.model_cache)) if model_uri else model_dir(cfg, model and Path(model))
     folder = folder.resolve()
-    model_sha = weights_sha256(_checkpoints(cfg, folder))
+    model_sha = weights_sha256(_model_files(cfg, folder))
     run_id = uuid.uuid4().hex[:12]
-    # The actors get the resolved config with the model folder fixed: they need no nnU-Net variables of their own.
+    # The actors get the resolved config, its folders absolute (a Ray worker runs elsewhere than the driver's cwd).
     actor_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    actor_cfg.predict.model_dir = str(folder)
+    for key, value in actor_cfg.paths.items():
+        if value and "://" not in str(value):
+            actor_cfg.paths[key] = str(Path(value).resolve())
+    actor_cfg.batch.model_cache = str(Path(b.model_cache).resolve())
     started, ray_s = start_ray(cfg)
     try:
         actors, cpus, gpus = _resources(cfg, float(ray.cluster_resources().get("CPU", 1)))

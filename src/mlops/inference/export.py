@@ -45,7 +45,8 @@ def sha256(path: Path) -> str:
 
 
 def weights_sha256(checkpoints: list[Path]) -> str:
-    """One hash of the weights of every fold a prediction uses: what says two outputs came from the same model."""
+    """One hash of the weights of every fold a prediction uses (and of its post-processing file, if any): what says
+    two outputs came from the same model."""
     digest = hashlib.sha256()
     for checkpoint in checkpoints:
         digest.update(f"{checkpoint.parent.name}/{checkpoint.name}:{sha256(checkpoint)}\n".encode())

@@ -89,6 +89,8 @@ class Segmenter:
         else:
             self._predictor = nnunet.nnunet_predictor(m, self.device, tta, self.tile_step_size)
         self._lock = threading.Lock()
+        # Applied to each finished label map (i, j, k), e.g. nnU-Net's post-processing chosen by `mlops find-best`.
+        self.postprocessing: Callable[[np.ndarray], np.ndarray] | None = None
         logger.debug(f"Inference: {self.backend} {self.precision} on {self.device}, batch {self.max_batch}")
 
     def describe(self) -> dict[str, object]:
@@ -136,7 +138,17 @@ class Segmenter:
     def finish(self, prepared: Prepared, logits: torch.Tensor) -> np.ndarray:
         """nnU-Net's export of the logits: back to the input grid, argmax, uint8 labels in (i, j, k)."""
         seg = nnunet.logits_to_segmentation(self.model, logits, prepared.props)
-        return np.ascontiguousarray(np.asarray(seg).transpose(2, 1, 0)).astype(np.uint8)
+        seg = np.ascontiguousarray(np.asarray(seg).transpose(2, 1, 0)).astype(np.uint8)
+        return seg if self.postprocessing is None else np.ascontiguousarray(self.postprocessing(seg), np.uint8)
+
+    def finish_with_probabilities(self, prepared: Prepared, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`finish` plus the softmax on the input grid in nnU-Net's layout (classes, z, y, x), as nnU-Net's
+        ``--save_probabilities`` writes it (the post-processing, as in nnU-Net, changes the labels only)."""
+        seg, probs = nnunet.logits_to_segmentation(self.model, logits, prepared.props, probabilities=True)
+        seg = np.ascontiguousarray(np.asarray(seg).transpose(2, 1, 0)).astype(np.uint8)
+        if self.postprocessing is not None:
+            seg = np.ascontiguousarray(self.postprocessing(seg), np.uint8)
+        return seg, np.asarray(probs)
 
     def segment(
         self,
