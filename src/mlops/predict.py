@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from mlops.errors import ConfigError, MlopsError, PipelineError
 from mlops.inference import Segmenter
 from mlops.inference.segmenter import Prepared
+from mlops.monitoring.signals import observe, volume_signals
 from mlops.progress import track
 from mlops.volumes import (
     Budget,
@@ -45,6 +46,7 @@ class CasePrediction:
     labels: dict[int, str] = field(default_factory=dict)  # label id -> name, background included
     model: str = ""  # the model folder's name
     folds: list[str] = field(default_factory=list)
+    signals: dict[str, float | None] = field(default_factory=dict)  # mlops.monitoring.signals: output signals
 
 
 def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
@@ -133,7 +135,9 @@ def load_case(
     return LoadedCase(src, dst, img, prepared, t0)
 
 
-def write_case(segmenter: Segmenter, case: LoadedCase, logits: torch.Tensor) -> CasePrediction:
+def write_case(
+    segmenter: Segmenter, case: LoadedCase, logits: torch.Tensor, signals: dict | None = None
+) -> CasePrediction:
     """nnU-Net's export of the logits to the input's grid, saved atomically with the input's geometry."""
     seg = segmenter.finish(case.prepared, logits)
     out = segmentation_like(seg, case.image)
@@ -147,7 +151,7 @@ def write_case(segmenter: Segmenter, case: LoadedCase, logits: torch.Tensor) -> 
     volumes = label_volumes(seg, case.image, segmenter.labels)
     return CasePrediction(
         case.src, case.dst, tuple(seg.shape), volumes, time.perf_counter() - case.started, dict(segmenter.labels),
-        segmenter.model_dir.name, [str(f) for f in segmenter.folds],
+        segmenter.model_dir.name, [str(f) for f in segmenter.folds], {**(signals or {}), **volume_signals(volumes)},
     )  # fmt: skip
 
 
@@ -158,10 +162,11 @@ def segment_file(
     max_voxels: int | None,
     tta: bool | None,
     budget: Budget | None = None,
+    max_member_mib: float = 1024,
 ) -> CasePrediction:
     """One file, start to end, in this thread."""
     case = load_case(segmenter, src, dst, max_voxels, budget)
-    return write_case(segmenter, case, segmenter.logits(case.prepared, tta))
+    return write_case(segmenter, case, *observe(segmenter, case.prepared, tta, None, max_member_mib))
 
 
 def predict(
@@ -190,8 +195,9 @@ def predict(
     budget = None
     if cfg.predict.get("max_request_mib"):
         budget = Budget(ModelGrid.of(segmenter), int(float(cfg.predict.max_request_mib) * 2**20))
+    member_mib = float(cfg.monitor.max_member_mib)
     if len(targets) == 1:
-        return [segment_file(segmenter, *targets[0], max_voxels, tta, budget)]
+        return [segment_file(segmenter, *targets[0], max_voxels, tta, budget, member_mib)]
 
     results: list[CasePrediction] = []
     failures: list[str] = []
@@ -224,12 +230,12 @@ def predict(
                 loads[i + 1] = loader.submit(load_case, segmenter, *targets[i + 1], max_voxels, budget)
             try:
                 case = loads.pop(i).result()
-                logits = segmenter.logits(case.prepared, tta)
+                logits, signals = observe(segmenter, case.prepared, tta, None, member_mib)
             except Exception as exc:
                 failed(src, exc)
                 continue
             collect(writing)
-            writing = (src, writer.submit(write_case, segmenter, case, logits))
+            writing = (src, writer.submit(write_case, segmenter, case, logits, signals))
         collect(writing)
     if failures:
         raise InputError(
