@@ -3,16 +3,13 @@ minimum samples), the request store (local and memory://), the reference profile
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from mlops.inference.window import mirror_combinations, sliding_window_logits
 from mlops.monitoring.compare import NOT_ENOUGH, benjamini_hochberg, compare
@@ -78,7 +75,7 @@ def test_output_signals_are_exact() -> None:
 
 
 def test_normalised_statistics_see_noise_and_bias() -> None:
-    z, y, x = np.mgrid[0:32, 0:32, 0:32].astype(np.float32)
+    _z, y, x = np.mgrid[0:32, 0:32, 0:32].astype(np.float32)
     smooth = np.sin(x / 6) + np.cos(y / 7)  # smooth anatomy: neighbours differ little
     noisy = smooth + np.random.default_rng(0).normal(0, 0.5, smooth.shape)
     assert normalised_stats(noisy[None])["norm_noise"] > 3 * normalised_stats(smooth[None])["norm_noise"]
@@ -94,7 +91,7 @@ def test_normalised_statistics_see_noise_and_bias() -> None:
 def test_benjamini_hochberg_matches_scipy() -> None:
     from scipy.stats import false_discovery_control
 
-    p = list(np.random.default_rng(3).uniform(0, 0.2, 17)) + [1e-9, 0.5]
+    p = [*list(np.random.default_rng(3).uniform(0, 0.2, 17)), 1e-09, 0.5]
     assert benjamini_hochberg(p) == pytest.approx(list(false_discovery_control(p, method="bh")))
 
 
