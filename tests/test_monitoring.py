@@ -3,20 +3,32 @@ minimum samples), the request store (local and memory://), the reference profile
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
+import httpx
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mlops.inference.window import mirror_combinations, sliding_window_logits
 from mlops.monitoring.compare import NOT_ENOUGH, benjamini_hochberg, compare
+from mlops.monitoring.profile import PROFILE_NAME, model_key
 from mlops.monitoring.report import render
 from mlops.monitoring.signals import dice, output_signals
 from mlops.monitoring.stats import normalised_stats, raw_stats
 from mlops.monitoring.store import RequestStore, read_records
+
+from .conftest import TrainedModel, run_mlops, wait_ready
+from .test_api import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "monitoring"
@@ -165,3 +177,197 @@ def test_store_one_file_per_instance_and_day(kind: str, tmp_path: Path) -> None:
     assert len(read_records(url, "lazy")) == 2
     with pytest.raises(Exception, match="no request records for model nothing"):
         read_records(url, "nothing")
+
+
+# --- the reference profile, the CLI and the live service on a really trained model --------------------------------
+
+
+def test_training_writes_the_profile(trained_synth: TrainedModel) -> None:
+    """`mlops train` ended by writing the profile: every training case's inputs, the fold's validation signals."""
+    profile = json.loads((trained_synth.model_dir / PROFILE_NAME).read_text())
+    assert len(profile["reference"]) == 8 and profile["folds"] == ["0"]
+    assert profile["model_key"] == model_key([trained_synth.fold_dir / "checkpoint_final.pth"])
+    splits_file = trained_synth.workspace.preprocessed / trained_synth.dataset / "splits_final.json"
+    splits = json.loads(splits_file.read_text())
+    assert sorted(r["case"] for r in profile["validation"]) == sorted(splits[0]["val"])
+    row = profile["validation"][0]
+    assert {"norm_p99", "norm_noise", "intensity_p99", "spacing_z", "orientation", "confidence_overall"} <= set(row)
+    assert 0.5 <= row["confidence_overall"] <= 1 and 0 <= row["agreement_dice_mean"] <= 1  # TTA: 8 mirrored passes
+    assert abs(profile["reference"][0]["norm_p50"]) < 3  # z-scored by nnU-Net, whatever the raw scale
+
+
+def test_predict_json_has_signals(trained_synth: TrainedModel, synth_task: Path, tmp_path: Path) -> None:
+    src = synth_task / "imagesTs" / "synth_008.nii.gz"
+    proc = run_mlops("predict", str(src), "-o", str(tmp_path / "o.nii.gz"), "--json",
+                     f"predict.model_dir={trained_synth.model_dir}", env=trained_synth.workspace.env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    signals = json.loads(proc.stdout)[0]["signals"]
+    assert 0.5 <= signals["confidence_overall"] <= 1 and 0 <= signals["agreement_dice_mean"] <= 1
+    assert signals["agreement_dice_min"] <= signals["agreement_dice_mean"]
+    assert set(signals) >= {"entropy_foreground", "volume_ml_anterior", "volume_ml_posterior"}
+
+
+def test_monitor_profile_and_drift_of_test_images(
+    trained_synth: TrainedModel, synth_task: Path, tmp_path: Path
+) -> None:
+    """`mlops monitor profile` on a copy of the model folder; `mlops drift` then compares against that profile."""
+    model = tmp_path / trained_synth.model_dir.name
+    shutil.copytree(trained_synth.model_dir, model, ignore=shutil.ignore_patterns(PROFILE_NAME, "*.log"))
+    env = trained_synth.workspace.env()
+    proc = run_mlops("monitor", "profile", "--model", str(model), "--source", str(synth_task), "predict.tta=false",
+                     "monitor.profile_val_cases=1", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    profile = json.loads((model / PROFILE_NAME).read_text())
+    assert len(profile["reference"]) == 8 and len(profile["validation"]) == 1
+    assert profile["validation"][0]["agreement_dice_mean"] is None  # no mirroring, one fold: nothing to compare
+    proc = run_mlops("drift", str(synth_task), f"predict.model_dir={model}", f"paths.reports={tmp_path}", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "drift_summary.json").read_text())
+    assert summary["model"] == model.name and (summary["reference_rows"], summary["current_rows"]) == (8, 2)
+    assert summary["verdict"] == "not enough data"
+    assert any(c["column"] == "norm_p99" for c in summary["columns"])  # the profile's normalised statistics
+
+
+@pytest.fixture(scope="module")
+def monitored(trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """`mlops serve` with its request store in a temporary folder and a low minimum sample size."""
+    port, tmp = free_port(), tmp_path_factory.mktemp("monitored")
+    env = {**trained_synth.workspace.env(), "PORT": str(port), "TMPDIR": str(tmp)}
+    store = tmp / "store"
+    args = ["serve", f"predict.model_dir={trained_synth.model_dir}", "predict.tta=true", f"monitor.store={store}",
+            "monitor.min_samples=4"]  # fmt: skip
+    log = tmp / "server.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlops"), *args], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(proc, url, log)
+            yield url, store
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def test_service_signals_records_metrics_and_live_drift(
+    monitored: tuple[str, Path], synth_task: Path, trained_synth: TrainedModel
+) -> None:
+    url, store = monitored
+    src = synth_task / "imagesTs" / "synth_008.nii.gz"
+    before = httpx.get(f"{url}/monitoring/drift", params={"format": "json"}, timeout=60).json()
+    assert before["verdict"] == "not enough data" and before["current_rows"] == 0
+    resp = httpx.post(f"{url}/predict", files={"file": ("jane_doe_001.nii.gz", src.read_bytes())},
+                      params={"format": "json"}, timeout=120)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert json.loads(resp.headers["x-output-signals"]) == body["signals"]
+    assert 0 <= body["signals"]["agreement_dice_mean"] <= 1 and 0.5 <= body["signals"]["confidence_overall"] <= 1
+    nifti = httpx.post(f"{url}/predict", files={"file": ("b.nii.gz", src.read_bytes())}, timeout=120)
+    assert nifti.status_code == 200 and "confidence_foreground" in json.loads(nifti.headers["x-output-signals"])
+    for _ in range(2):
+        assert httpx.post(f"{url}/predict", files={"file": ("c.nii", src.read_bytes())}, timeout=120).status_code == 200
+    key = model_key([trained_synth.fold_dir / "checkpoint_final.pth"])
+    rows = read_records(str(store), key)
+    assert len(rows) == 4 and all(len(r["id"]) == 32 for r in rows)
+    text = "".join(p.read_text() for p in store.rglob("*.jsonl"))
+    assert "jane_doe" not in text and ".nii" not in text and '"case"' not in text  # no file names, no identifiers
+    assert {"norm_p99", "intensity_p99", "orientation", "confidence_foreground", "volume_ml_posterior"} <= set(rows[0])
+    page = httpx.get(f"{url}/monitoring/drift", timeout=60)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f"{trained_synth.model_dir.name} - 4 current vs 8 reference cases" in page.text
+    assert "Benjamini-Hochberg" in page.text and "Verdict:" in page.text
+    summary = httpx.get(f"{url}/monitoring/drift", params={"format": "json"}, timeout=60).json()
+    assert summary["current_rows"] == 4 and summary["verdict"] in ("drift", "no drift")
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert re.search(r'mlops_prediction_confidence_count\{region="foreground"\} 4\.0', metrics)
+    assert re.search(r"mlops_prediction_agreement_dice_count 4\.0", metrics)
+    assert re.search(r'mlops_prediction_volume_ml_count\{label="posterior"\} 4\.0', metrics)
+    assert re.search(r"mlops_drift_current_samples 4\.0", metrics)
+    check_alert_rules(metrics)
+
+
+# --- alerting as code -----------------------------------------------------------------------------------------------
+
+PROMQL_WORDS = {"by", "without", "and", "or", "unless", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
+PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "rate", "increase", "histogram_quantile", "clamp_min", "abs"}
+
+
+def promql_references(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
+    """(metric selectors with their matcher label names, grouping label names) of a PromQL expression.
+
+    A parse check, not Prometheus's parser (no promtool wheel exists on PyPI): balanced brackets, known functions,
+    valid regex matchers, and every identifier classified as function, keyword, metric or label."""
+    assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+    assert re.search(r"(>|<|>=|<=|==|!=)\s*[0-9.e-]+\s*($|and|or|unless)", expr), f"no threshold comparison: {expr}"
+    grouping: set[str] = set()
+    for m in re.finditer(r"\b(by|without)\s*\(([^)]*)\)", expr):
+        grouping |= {g.strip() for g in m.group(2).split(",") if g.strip()}
+    stripped = re.sub(r"\b(by|without)\s*\([^)]*\)", " ", expr)
+    stripped = re.sub(r"\[[0-9]+[smhd]\]", " ", stripped)
+    selectors = []
+    for m in re.finditer(r"([A-Za-z_:][\w:]*)\s*(\{([^}]*)\})?\s*(\()?", stripped):
+        name, matchers, call = m.group(1), m.group(3), m.group(4)
+        if call:
+            assert name in PROMQL_FUNCTIONS, f"unknown function {name} in {expr}"
+            continue
+        if name in PROMQL_WORDS or re.fullmatch(r"[0-9.e]+", name):
+            continue
+        labels = set()
+        for lm in re.finditer(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', matchers or ""):
+            labels.add(lm.group(1))
+            if lm.group(2) in ("=~", "!~"):
+                re.compile(lm.group(3))
+        selectors.append((name, labels))
+    return selectors, grouping
+
+
+def scraped_families(metrics: str) -> dict[str, set[str]]:
+    """Series names a real /metrics exposes (histogram _bucket/_count/_sum, counter _total) -> their label names.
+    Families come from the HELP/TYPE lines, so a labelled counter with no series yet (e.g. a 5xx) still counts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names: dict[str, set[str]] = {}
+    suffixes = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",), "gauge": ("",)}
+    for fam in text_string_to_metric_families(metrics):
+        labels = set().union(*(set(s.labels) for s in fam.samples)) if fam.samples else set()
+        for suffix in suffixes.get(fam.type, ("",)):
+            names[fam.name + suffix] = {lab for lab in labels if suffix == "_bucket" or lab != "le"}
+    return names
+
+
+def alert_expressions() -> dict[str, str]:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "mlops-alerts.yaml").read_text())["groups"][0]["rules"]
+    return {r["alert"]: " ".join(r["expr"].split()) for r in rules}
+
+
+def check_alert_rules(metrics: str) -> None:
+    families = scraped_families(metrics)
+    try:  # Prometheus's grammar (a Rust port, PyPI promql-parser) where installed; the checks below run regardless
+        import promql_parser
+    except ImportError:
+        promql_parser = None
+    for alert, expr in alert_expressions().items():
+        if promql_parser is not None:
+            promql_parser.parse(expr)
+        selectors, grouping = promql_references(expr)
+        assert selectors, alert
+        for name, labels in selectors:
+            assert name in families, f"{alert}: {name} is not a metric the service exposes"
+            assert labels <= families[name], f"{alert}: {name} has no label(s) {labels - families[name]}"
+        assert grouping <= set().union(*(families[n] for n, _ in selectors)), f"{alert}: grouping {grouping}"
+
+
+def test_alert_rules_and_cloud_policies_agree() -> None:
+    """Four alerts (errors, latency, confidence, drift), each with the equivalent Cloud Monitoring policy."""
+    rules = alert_expressions()
+    assert set(rules) == {"MlopsPredictErrorRate", "MlopsPredictLatencyHigh", "MlopsLowConfidence", "MlopsInputDrift"}
+    policies = {p.name: json.loads(p.read_text()) for p in (DEPLOY / "cloud-monitoring").glob("*.json")}
+    assert len(policies) == len(rules)
+    for policy in policies.values():
+        condition = policy["conditions"][0]["conditionPrometheusQueryLanguage"]
+        assert condition["query"] == rules[policy["displayName"]]
+        assert re.fullmatch(r"[0-9]+s", condition["duration"]) and policy["combiner"] == "OR"
+    with pytest.raises(AssertionError, match="no threshold"):
+        promql_references("sum(rate(mlops_http_requests_total[5m]))")
+    with pytest.raises(AssertionError, match="unknown function"):
+        promql_references("sum(rat(mlops_http_requests_total[5m])) > 1")
