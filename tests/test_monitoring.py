@@ -204,7 +204,7 @@ def test_predict_json_has_signals(trained_synth: TrainedModel, synth_task: Path,
     signals = json.loads(proc.stdout)[0]["signals"]
     assert 0.5 <= signals["confidence_overall"] <= 1 and 0 <= signals["agreement_dice_mean"] <= 1
     assert signals["agreement_dice_min"] <= signals["agreement_dice_mean"]
-    assert set(signals) >= {"entropy_foreground", "volume_ml_anterior", "volume_ml_posterior"}
+    assert set(signals) >= {"entropy_foreground", "volume_ml_Anterior", "volume_ml_Posterior"}
 
 
 def test_monitor_profile_and_drift_of_test_images(
@@ -271,7 +271,7 @@ def test_service_signals_records_metrics_and_live_drift(
     assert len(rows) == 4 and all(len(r["id"]) == 32 for r in rows)
     text = "".join(p.read_text() for p in store.rglob("*.jsonl"))
     assert "jane_doe" not in text and ".nii" not in text and '"case"' not in text  # no file names, no identifiers
-    assert {"norm_p99", "intensity_p99", "orientation", "confidence_foreground", "volume_ml_posterior"} <= set(rows[0])
+    assert {"norm_p99", "intensity_p99", "orientation", "confidence_foreground", "volume_ml_Posterior"} <= set(rows[0])
     page = httpx.get(f"{url}/monitoring/drift", timeout=60)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert f"{trained_synth.model_dir.name} - 4 current vs 8 reference cases" in page.text
@@ -281,7 +281,7 @@ def test_service_signals_records_metrics_and_live_drift(
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert re.search(r'mlops_prediction_confidence_count\{region="foreground"\} 4\.0', metrics)
     assert re.search(r"mlops_prediction_agreement_dice_count 4\.0", metrics)
-    assert re.search(r'mlops_prediction_volume_ml_count\{label="posterior"\} 4\.0', metrics)
+    assert re.search(r'mlops_prediction_volume_ml_count\{label="Posterior"\} 4\.0', metrics)
     assert re.search(r"mlops_drift_current_samples 4\.0", metrics)
     check_alert_rules(metrics)
 

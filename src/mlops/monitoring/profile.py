@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from loguru import logger
 
-from mlops.errors import DatasetError, PipelineError
+from mlops.errors import DatasetError, MlopsError, PipelineError
 from mlops.monitoring.signals import observe, volume_signals
 from mlops.monitoring.stats import normalised_stats, orientation, raw_stats
 from mlops.progress import track
@@ -148,20 +149,24 @@ def profile_model(cfg: Any, model_dir: Path, source: Path | None = None, folds: 
     from mlops.drift import drift_source, task_images
     from mlops.inference import Segmenter
 
-    src = Path(source) if source is not None else drift_source(cfg)
-    train, _ = task_images(src, require_test=False)
+    splits, src = None, Path(source) if source is not None else None
+    try:  # the prepared dataset the config names: its nnU-Net splits, and its raw folder as the default source
+        from mlops.train import export_paths, prepared_dataset
+
+        export_paths(cfg)
+        identity, pre_dir = prepared_dataset(cfg)
+        splits = pre_dir / "splits_final.json"
+        raw = Path(os.environ["nnUNet_raw"]) / identity.folder
+        if src is None and (raw / "dataset.json").is_file():
+            src = raw
+    except MlopsError:  # no preprocessed dataset here (a downloaded model): the fold's validation folder decides
+        pass
+    train, _ = task_images(src if src is not None else drift_source(cfg), require_test=False)
     p = cfg.predict
     chosen = folds
     if chosen is None and p.folds is not None:
         chosen = [f if f == "all" else int(f) for f in p.folds]
     segmenter = Segmenter(Path(model_dir), folds=chosen, checkpoint=str(p.checkpoint), device=str(p.device),
                           tta=bool(p.tta), tile_step_size=float(p.tile_step_size), backend="torch")  # fmt: skip
-    splits = None
-    try:
-        from mlops.train import prepared_dataset
-
-        splits = prepared_dataset(cfg)[1] / "splits_final.json"
-    except Exception:  # no preprocessed dataset here (a downloaded model): the fold's validation folder decides
-        splits = None
     val = validation_cases(Path(model_dir), splits, segmenter.folds[0], train)[: int(cfg.monitor.profile_val_cases)]
     return write_profile(Path(model_dir), build_profile(segmenter, train, val))
