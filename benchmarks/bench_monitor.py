@@ -111,9 +111,9 @@ def main() -> None:
     parser.add_argument("--labels", type=Path, default=SHARED / "Task04_Hippocampus_labelsTs")
     parser.add_argument("--no-tta", action="store_true")
     args = parser.parse_args()
-    profile = read_profile(args.model)
-    reference = profile_reference(profile)
     seg = Segmenter(args.model, tta=not args.no_tta, backend="torch")
+    profile = read_profile(args.model, seg.folds)
+    reference = profile_reference(profile)
     fg = [v for v in seg.labels if v != 0]
     _, test = task_images(args.task)
     rng = np.random.default_rng(0)

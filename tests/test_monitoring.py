@@ -184,7 +184,7 @@ def test_store_one_file_per_instance_and_day(kind: str, tmp_path: Path) -> None:
 
 def test_training_writes_the_profile(trained_synth: TrainedModel) -> None:
     """`mlops train` ended by writing the profile: every training case's inputs, the fold's validation signals."""
-    profile = json.loads((trained_synth.model_dir / PROFILE_NAME).read_text())
+    profile = json.loads((trained_synth.fold_dir / PROFILE_NAME).read_text())
     assert len(profile["reference"]) == 8 and profile["folds"] == ["0"]
     assert profile["model_key"] == model_key([trained_synth.fold_dir / "checkpoint_final.pth"])
     splits_file = trained_synth.workspace.preprocessed / trained_synth.dataset / "splits_final.json"
@@ -217,7 +217,7 @@ def test_monitor_profile_and_drift_of_test_images(
     proc = run_mlops("monitor", "profile", "--model", str(model), "--source", str(synth_task), "predict.tta=false",
                      "monitor.profile_val_cases=1", env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    profile = json.loads((model / PROFILE_NAME).read_text())
+    profile = json.loads((model / "fold_0" / PROFILE_NAME).read_text())
     assert len(profile["reference"]) == 8 and len(profile["validation"]) == 1
     assert profile["validation"][0]["agreement_dice_mean"] is None  # no mirroring, one fold: nothing to compare
     proc = run_mlops("drift", str(synth_task), f"predict.model_dir={model}", f"paths.reports={tmp_path}", env=env)

@@ -22,7 +22,7 @@ from mlops.config import save_config
 from mlops.decathlon import read_task
 from mlops.errors import ConfigError, DatasetError, MlopsError
 from mlops.monitoring.compare import DriftSummary, compare
-from mlops.monitoring.profile import PROFILE_NAME, input_row, load_case, model_key, read_profile
+from mlops.monitoring.profile import input_row, load_case, model_key, profile_path, read_profile
 from mlops.monitoring.report import write_report
 from mlops.monitoring.signals import SIGNAL_COLUMNS
 from mlops.monitoring.stats import GEOMETRY_COLUMNS, RAW_COLUMNS, orientation, raw_stats
@@ -123,10 +123,11 @@ def run_drift(cfg: DictConfig) -> DriftSummary:
     if mode not in ("test", "requests"):
         raise ConfigError(f"drift.current must be 'test' or 'requests', got {mode!r}")
     folder = _model_folder(cfg)
-    has_profile = folder is not None and (folder / PROFILE_NAME).is_file()
+    folds = _folds(cfg, folder)
+    has_profile = folder is not None and bool(folds) and profile_path(folder, folds).is_file()
     if ref_mode == "profile" and not has_profile:
-        read_profile(folder or Path(str(cfg.predict.get("model_dir") or "model")))  # raises, naming the folder
-    profile = read_profile(folder) if has_profile and ref_mode != "source" else None  # type: ignore[arg-type]
+        read_profile(folder or Path(str(cfg.predict.get("model_dir") or "model")), folds or ["0"])  # raises
+    profile = read_profile(folder, folds) if has_profile and ref_mode != "source" else None  # type: ignore[arg-type]
     source, train, test = None, [], []
     if profile is None or mode == "test":
         source = drift_source(cfg)
@@ -170,15 +171,22 @@ def run_drift(cfg: DictConfig) -> DriftSummary:
     return summary
 
 
-def _key_of(cfg: DictConfig, folder: Path | None) -> str:
+def _folds(cfg: DictConfig, folder: Path | None) -> list[int | str]:
+    """``predict.folds``, or (null) every fold of the model that has the checkpoint; [] without a model."""
     from mlops import nnunet
 
     if folder is None or not (folder / "plans.json").is_file():
+        return []
+    if cfg.predict.folds is not None:
+        return [f if f == "all" else int(f) for f in cfg.predict.folds]
+    return nnunet.available_folds(folder, str(cfg.predict.checkpoint))
+
+
+def _key_of(cfg: DictConfig, folder: Path | None) -> str:
+    folds = _folds(cfg, folder)
+    if folder is None or not folds:
         raise DatasetError("--current requests needs the model whose requests to read: no trained model found")
-    folds = cfg.predict.folds
-    found = nnunet.available_folds(folder, str(cfg.predict.checkpoint))
-    chosen = found if folds is None else [f if f == "all" else int(f) for f in folds]
-    return model_key([folder / f"fold_{f}" / str(cfg.predict.checkpoint) for f in chosen])
+    return model_key([folder / f"fold_{f}" / str(cfg.predict.checkpoint) for f in folds])
 
 
 def test_image_rows(cfg: DictConfig, folder: Path | None, images: list[Path]) -> list[dict]:

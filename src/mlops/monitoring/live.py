@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from mlops.errors import MlopsError
 from mlops.monitoring.compare import DriftSummary, compare
-from mlops.monitoring.profile import PROFILE_NAME, model_key, read_profile
+from mlops.monitoring.profile import model_key, profile_path, read_profile
 from mlops.monitoring.store import RequestStore, read_records
 
 
@@ -25,14 +25,16 @@ class LiveMonitor:
         self.max_member_mib = float(cfg.monitor.max_member_mib)
         model = getattr(segmenter, "model", None)
         self.key = model_key(model.checkpoint_files()) if model is not None else "unknown"
+        self.folds = [str(f) for f in segmenter.folds]
+        self.profile_file = profile_path(self.model_dir, self.folds)
         self.profile: dict | None = None
-        if (self.model_dir / PROFILE_NAME).is_file():
+        if self.profile_file.is_file():
             try:
-                self.profile = read_profile(self.model_dir)
+                self.profile = read_profile(self.model_dir, self.folds)
             except MlopsError as exc:
                 logger.warning(str(exc))
         if self.profile is not None and self.profile.get("model_key") != self.key:
-            logger.warning(f"{self.model_dir / PROFILE_NAME}: made for model key {self.profile.get('model_key')}, "
+            logger.warning(f"{self.profile_file}: made for model key {self.profile.get('model_key')}, "
                            f"not {self.key} (other checkpoints); live drift compares against it anyway")  # fmt: skip
         self.store = (
             RequestStore(str(cfg.monitor.store), self.key, float(cfg.monitor.flush_s))
@@ -63,7 +65,7 @@ class LiveMonitor:
         from mlops.drift import profile_reference
 
         if self.profile is None:
-            raise MlopsError(f"{self.model_dir}: no reference profile ({PROFILE_NAME}); `mlops monitor profile` "
+            raise MlopsError(f"{self.profile_file}: no reference profile for this model; `mlops monitor profile` "
                              "writes one")  # fmt: skip
         self.close()  # this instance's latest records are read back with the others'
         try:

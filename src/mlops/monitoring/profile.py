@@ -98,8 +98,15 @@ def build_profile(
     }
 
 
+def profile_path(model_dir: Path, folds: list[int | str] | list[str]) -> Path:
+    """One fold: ``fold_F/monitoring_profile.json`` (each trained fold writes its own, beside its checkpoint); an
+    ensemble of folds: the model folder's ``monitoring_profile.json`` (from `mlops monitor profile`)."""
+    names = [str(f) for f in folds]
+    return Path(model_dir) / (f"fold_{names[0]}" if len(names) == 1 else "") / PROFILE_NAME
+
+
 def write_profile(model_dir: Path, profile: dict[str, Any]) -> Path:
-    path = Path(model_dir) / PROFILE_NAME
+    path = profile_path(model_dir, profile["folds"])
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(profile, indent=1, allow_nan=False))
     tmp.replace(path)
@@ -110,12 +117,11 @@ def write_profile(model_dir: Path, profile: dict[str, Any]) -> Path:
     return path
 
 
-def read_profile(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / PROFILE_NAME
+def read_profile(model_dir: Path, folds: list[int | str] | list[str]) -> dict[str, Any]:
+    path = profile_path(model_dir, folds)
     if not path.is_file():
-        raise PipelineError(
-            f"{model_dir}: no reference profile ({PROFILE_NAME}); write one with `mlops monitor profile`"
-        )
+        raise PipelineError(f"{path}: no reference profile for fold(s) {', '.join(str(f) for f in folds)}; write one "
+                            "with `mlops monitor profile`")  # fmt: skip
     try:
         profile = json.loads(path.read_text())
         assert isinstance(profile.get("reference"), list)
