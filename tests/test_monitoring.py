@@ -305,7 +305,7 @@ def promql_references(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
     stripped = re.sub(r"\b(by|without)\s*\([^)]*\)", " ", expr)
     stripped = re.sub(r"\[[0-9]+[smhd]\]", " ", stripped)
     selectors = []
-    for m in re.finditer(r"([A-Za-z_:][\w:]*)\s*(\{([^}]*)\})?\s*(\()?", stripped):
+    for m in re.finditer(r"(?<![\w.])([A-Za-z_:][\w:]*)\s*(\{([^}]*)\})?\s*(\()?", stripped):
         name, matchers, call = m.group(1), m.group(3), m.group(4)
         if call:
             assert name in PROMQL_FUNCTIONS, f"unknown function {name} in {expr}"
