@@ -26,5 +26,6 @@ ENV PATH=/opt/venv/bin:$PATH MLOPS_CONFIG_DIR=/app/configs MLOPS_DATA_DIR=/data 
 USER 1000:1000
 EXPOSE 8080
 # Cloud Run sets PORT; the model comes from /models/baked, or from serve.model_uri (gs://...) via MODEL_URI.
+# MONITOR_STORE=gs://bucket/monitoring keeps request records beyond the instance (monitor.store).
 # MLOPS_HOST (default 0.0.0.0, every interface of the container) lets a test run this exact line on 127.0.0.1.
-CMD ["sh", "-c", "exec mlops serve serve.host=${MLOPS_HOST:-0.0.0.0} predict.device=cpu ${MODEL_URI:+serve.model_uri=$MODEL_URI} ${MAX_IN_FLIGHT:+serve.max_in_flight=$MAX_IN_FLIGHT} $( [ -d /models/baked ] && echo predict.model_dir=/models/baked )"]
+CMD ["sh", "-c", "exec mlops serve serve.host=${MLOPS_HOST:-0.0.0.0} predict.device=cpu ${MODEL_URI:+serve.model_uri=$MODEL_URI} ${MAX_IN_FLIGHT:+serve.max_in_flight=$MAX_IN_FLIGHT} ${MONITOR_STORE:+monitor.store=$MONITOR_STORE monitor.flush_s=30} $( [ -d /models/baked ] && echo predict.model_dir=/models/baked )"]

@@ -236,12 +236,14 @@ def test_model_fetched_from_uri(trained_synth: TrainedModel, tmp_path: Path) -> 
 def test_served_volumes_feed_the_drift_report(
     server: Server, trained_synth: TrainedModel, synth_task: Path, tmp_path: Path
 ) -> None:
-    """The service records each served volume's statistics; `mlops drift --current requests` reads them."""
+    """The service stores each request's statistics (no file name) under the model's key in monitor.store;
+    `mlops drift --current requests` reads them and compares them with the profile training wrote."""
     assert_good(server, synth_task / "imagesTs" / "synth_008.nii.gz")
-    log = trained_synth.workspace.root / "requests" / "volume_stats.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    assert rows and rows[-1]["case"] == "synth_008.nii.gz" and "intensity_p99" in rows[-1]
-    args = ["drift", str(synth_task), "--current", "requests", f"paths.reports={tmp_path}"]
+    files = list((trained_synth.workspace.root / "monitoring").rglob("*.jsonl"))
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    assert rows and "case" not in rows[-1] and "intensity_p99" in rows[-1] and "confidence_overall" in rows[-1]
+    args = ["drift", str(synth_task), "--current", "requests", f"predict.model_dir={trained_synth.model_dir}",
+            f"paths.reports={tmp_path}"]  # fmt: skip
     proc = run_mlops(*args, env=trained_synth.workspace.env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "drift_summary.json").read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, Response, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from loguru import logger
 from omegaconf import DictConfig
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -27,8 +27,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops import __version__
-from mlops.drift import RequestLog
 from mlops.errors import Cancelled, MlopsError
+from mlops.monitoring.live import LiveMonitor
+from mlops.monitoring.report import render as render_report
+from mlops.monitoring.signals import SIGNAL_COLUMNS, observe, volume_signals
+from mlops.monitoring.stats import normalised_stats, orientation, raw_stats
 from mlops.service import install as install_service
 from mlops.service.results import json_result, wants_json
 from mlops.volumes import (
@@ -44,6 +47,9 @@ from mlops.volumes import (
 )
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+PROBABILITY_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+ENTROPY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
+VOLUME_BUCKETS = (0.01, 0.1, 0.5, 1, 2, 5, 10, 50, 100, 500, 1000, 5000)
 
 
 class Metrics:
@@ -64,6 +70,46 @@ class Metrics:
             "mlops_inference_duration_seconds", "Model time per prediction", buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )  # fmt: skip
+        # Output signals of every prediction (mlops.monitoring.signals): no labels needed to watch them.
+        self.confidence = Histogram(
+            "mlops_prediction_confidence", "Mean max-softmax probability of a prediction", ["region"],
+            buckets=PROBABILITY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        for region in ("foreground", "overall"):
+            self.confidence.labels(region)
+        self.entropy = Histogram(
+            "mlops_prediction_entropy", "Mean normalised softmax entropy over the predicted foreground",
+            buckets=ENTROPY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.agreement = Histogram(
+            "mlops_prediction_agreement_dice", "Mean pairwise foreground Dice between mirrored passes or folds",
+            buckets=PROBABILITY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.volume = Histogram(
+            "mlops_prediction_volume_ml", "Predicted volume of each label (mL)", ["label"], buckets=VOLUME_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.drift_share = Gauge(
+            "mlops_drift_share", "Share of drifted statistics at the last /monitoring/drift (0 without a verdict)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.drift_samples = Gauge(
+            "mlops_drift_current_samples", "Current cases in the last /monitoring/drift comparison",
+            registry=self.registry,
+        )  # fmt: skip
+
+    def observe_signals(self, signals: dict[str, Any]) -> None:
+        for region in ("foreground", "overall"):
+            value = signals.get(f"confidence_{region}")
+            if value is not None:
+                self.confidence.labels(region).observe(value)
+        if signals.get("entropy_foreground") is not None:
+            self.entropy.observe(signals["entropy_foreground"])
+        if signals.get("agreement_dice_mean") is not None:
+            self.agreement.observe(signals["agreement_dice_mean"])
+        for key, value in signals.items():
+            if key.startswith("volume_ml_"):
+                self.volume.labels(key.removeprefix("volume_ml_")).observe(value)
 
 
 class Slots:
@@ -204,7 +250,6 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
     timeout_s = float(serve.timeout_s)
     metrics, slots = Metrics(), Slots(int(serve.max_in_flight))
     drain = Drain(float(serve.shutdown_grace_s))
-    request_log = RequestLog(Path(cfg.drift.requests_log)) if serve.get("record_stats") else None
 
     def default_factory() -> Any:
         folder = fetch_model(cfg) if serve.get("model_uri") else model_dir(cfg)
@@ -214,6 +259,10 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.segmenter = (segmenter_factory or default_factory)()
         app.state.budget = Budget(ModelGrid.of(app.state.segmenter), max_request_bytes)
+        app.state.monitor = LiveMonitor(cfg, app.state.segmenter)
+        for name in app.state.segmenter.labels.values():
+            if name != "background":
+                metrics.volume.labels(name)
         grid = app.state.budget.grid
         logger.info(
             f"Model grid {grid.target_spacing} mm, patch {grid.patch_size}; request budget "
@@ -221,6 +270,7 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         )
         yield
         drain.start()
+        app.state.monitor.close()
 
     app = FastAPI(
         title="mlops segmentation service",
@@ -315,7 +365,7 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
             t0 = time.perf_counter()
             work = asyncio.ensure_future(
                 run_in_threadpool(
-                    _segment, state.segmenter, state.budget, raw, name, max_voxels, tta, request_log, cancel
+                    _segment, state.segmenter, state.budget, raw, name, max_voxels, tta, state.monitor, cancel
                 )
             )
             del raw
@@ -324,8 +374,9 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
                 if not gone.is_set() and not work.done() and await request.is_disconnected():
                     gone.set()
                     logger.info(f"{name}: client disconnected; cancelling its prediction")
-            body, volumes = work.result()
+            body, volumes, signals = work.result()
             metrics.inference.observe(time.perf_counter() - t0)
+            metrics.observe_signals(signals)
         except InputError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         except Cancelled:
@@ -344,10 +395,13 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
             await file.close()
             metrics.in_flight.dec()
             slots.release()
+        shown = public_signals(signals)
+        signals_header = json.dumps(shown, separators=(",", ":"))
         if as_json:
             seconds = time.perf_counter() - t0  # one reading for the body and the header
             return JSONResponse(
-                json_result(volumes, seconds, state.segmenter), headers={"X-Inference-Seconds": f"{seconds:.3f}"}
+                {**json_result(volumes, seconds, state.segmenter), "signals": shown},
+                headers={"X-Inference-Seconds": f"{seconds:.3f}", "X-Output-Signals": signals_header},
             )
         return Response(
             body,
@@ -356,10 +410,41 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
                 "Content-Disposition": f'attachment; filename="{_safe_stem(file.filename)}_seg.nii.gz"',
                 "X-Label-Volumes-mm3": json.dumps(volumes),
                 "X-Inference-Seconds": f"{time.perf_counter() - t0:.3f}",
+                "X-Output-Signals": signals_header,
             },
         )
 
+    @app.get(
+        "/monitoring/drift",
+        summary="Live drift report: this model's request records against its reference profile",
+        response_class=HTMLResponse,
+        responses={200: {"content": {"text/html": {}, "application/json": {}}},
+                   404: {"description": "The model folder has no reference profile"}},
+    )  # fmt: skip
+    async def monitoring_drift(
+        request: Request,
+        format: str | None = Query(None, pattern="^(json|html)$", description="json: the summary only"),
+    ) -> Response:
+        monitor: LiveMonitor | None = getattr(request.app.state, "monitor", None)
+        if monitor is None:
+            raise HTTPException(503, "the model is not loaded yet", {"Retry-After": "1"})
+        try:
+            summary, reference, current = await run_in_threadpool(monitor.drift)
+        except MlopsError as exc:
+            raise HTTPException(404, str(exc)) from None
+        metrics.drift_share.set(summary.drift_share)
+        metrics.drift_samples.set(summary.current_rows)
+        if format == "json" or (format is None and wants_json(None, request.headers.get("accept", ""))):
+            return Response(summary.to_json(), media_type="application/json")
+        return HTMLResponse(render_report(summary, reference, current))
+
     return app
+
+
+def public_signals(signals: dict[str, Any]) -> dict[str, Any]:
+    """The output signals a client sees (rounded); input statistics stay in the request record."""
+    keys = (*SIGNAL_COLUMNS,)
+    return {k: (None if signals.get(k) is None else round(float(signals[k]), 5)) for k in keys}
 
 
 def _segment(
@@ -369,22 +454,29 @@ def _segment(
     name: str,
     max_voxels: int,
     tta: bool | None,
-    request_log: RequestLog | None,
+    monitor: LiveMonitor,
     cancel: Callable[[], bool],
-) -> tuple[bytes, dict]:
+) -> tuple[bytes, dict, dict]:
     img = decode_nifti(raw, name, max_voxels, budget)
     del raw
     data = check_volume(img, name, segmenter.num_channels, budget)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     if cancel():
         raise Cancelled(f"{name}: cancelled before segmentation")
-    seg = segmenter.segment(data, zooms, tta=tta, cancel=cancel)
-    if request_log is not None:
-        try:  # drift monitoring must never fail a prediction
-            request_log.record(name, data, zooms)
+    prepared = segmenter.prepare(data, zooms)
+    logits, signals = observe(segmenter, prepared, tta, cancel, monitor.max_member_mib)
+    seg = segmenter.finish(prepared, logits)
+    del logits
+    volumes = label_volumes(seg, img, segmenter.labels)
+    signals.update(volume_signals(volumes))
+    if monitor.store is not None:
+        try:  # monitoring must never fail a prediction
+            stats = {**raw_stats(data, zooms), "orientation": orientation(img.affine)}
+            stats.update(normalised_stats(prepared.data.numpy()))
+            monitor.record({**stats, **signals})
         except Exception as exc:
-            logger.warning(f"could not record request statistics: {type(exc).__name__}")
-    return to_gzip_bytes(segmentation_like(seg, img), level=1), label_volumes(seg, img, segmenter.labels)
+            logger.warning(f"could not compute request statistics: {type(exc).__name__}")
+    return to_gzip_bytes(segmentation_like(seg, img), level=1), volumes, signals
 
 
 def run_server(app: FastAPI, cfg: DictConfig) -> None:

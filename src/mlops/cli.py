@@ -429,7 +429,9 @@ def predict(
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds to ensemble, or 'auto' for all trained."),
     no_tta: bool = typer.Option(False, "--no-tta", help="Turn off mirroring test-time augmentation (faster)."),
     device: str = typer.Option(None, "--device", "-D", help=DEVICE_HELP + " (default: predict.device)."),
-    as_json: bool = typer.Option(False, "--json", help="Print label volumes, seconds, labels, model, folds as JSON."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print label volumes, output signals, seconds, labels, model, folds as JSON."
+    ),
     preview: bool = typer.Option(False, "--preview", help="Also write a PNG of three slices beside each output."),
     save_probabilities: bool = typer.Option(
         False, "--save-probabilities", help="Also write <case>.npz (softmax) + .pkl, nnU-Net's layout."
@@ -463,7 +465,7 @@ def predict(
             {
                 "input": str(r.input), "output": str(r.output), "shape": r.shape, "volumes_mm3": r.volumes_mm3,
                 "seconds": round(r.seconds, 3), "labels": label_names(r.labels),
-                "model": r.model, "folds": r.folds,
+                "model": r.model, "folds": r.folds, "signals": r.signals,
                 **({"preview": str(previews[r.output])} if r.output in previews else {}),
             }
             for r in results
@@ -611,22 +613,28 @@ def drift(
     ),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     current: str = typer.Option(None, "--current", help="test (the task's test images) or requests (served volumes)."),
-    fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 2 if the drift share is above the limit."),
+    fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 2 if the verdict is drift."),
 ) -> None:
-    """Evidently report: intensity, shape and spacing statistics of training vs test (or served) volumes."""
+    """Drift report: test (or served) cases against the model's reference profile (or the training images)."""
     from mlops.drift import run_drift
 
     positional, overrides = split_args(args)
     overrides = with_dataset(overrides, dataset)
     cfg = compose(overrides, **{"drift.source": positional[0] if positional else None, "drift.current": current})
     summary = run_drift(cfg)
-    table = Table(title=f"Drift: {summary.current_rows} current vs {summary.reference_rows} reference volumes")
-    for col in ("statistic", "test", "score", "threshold", "drifted"):
+    table = Table(
+        title=f"Drift of {summary.model}: {summary.current_rows} current vs {summary.reference_rows} reference cases",
+        title_justify="left",
+    )
+    for col in ("statistic", "test", "p", "adjusted p", "drifted"):
         table.add_column(col)
     for c in summary.columns:
         mark = "[bold red]yes[/]" if c.drifted else "no"
-        table.add_row(c.column, c.test, f"{c.score:.3g}", f"{c.threshold:g}", mark)
+        table.add_row(c.column, c.test, f"{c.p_value:.2g}", f"{c.score:.2g}", mark)
     out.print(table)
+    out.print(f"[bold]Verdict: {summary.verdict}[/] ({summary.correction})", highlight=False)
+    for line in summary.summary_lines:
+        out.print(f"  - {line}", highlight=False, soft_wrap=True)
     out.print(
         f"Drift share {summary.drift_share:.2f} (limit {summary.max_drift_share:.2f}); "
         f"report: {summary.html}; summary: {cfg.drift.summary}"
@@ -634,6 +642,29 @@ def drift(
     if fail_on_drift and summary.dataset_drift:
         err.print(f"[bold red]Drift:[/] {summary.drift_share:.2f} of statistics drifted: {summary.drifted_columns}")
         raise typer.Exit(2)
+
+
+monitor_app = typer.Typer(help="Model monitoring without labels: the reference profile.", no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("profile")
+@handle_errors
+def monitor_profile(
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
+    source: Path = typer.Option(
+        None, "--source", help="Training images: Decathlon task or nnU-Net raw dataset (default: the prepared one)."
+    ),
+) -> None:
+    """Write the reference profile (training inputs, validation output signals) into the model folder."""
+    from mlops.monitoring.profile import profile_model
+    from mlops.predict import model_dir
+
+    _, overrides = split_args(args, max_positional=0)
+    cfg = compose(overrides)
+    path = profile_model(cfg, model_dir(cfg, model), source)
+    out.print(f"Reference profile written to {path}")
 
 
 def main() -> None:

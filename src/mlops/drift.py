@@ -1,20 +1,16 @@
-"""`mlops drift`: do the test (or live) scans look like the training scans? Per-volume statistics + Evidently.
+"""`mlops drift`: do the test (or live) scans, and the model's answers, look like what it was trained and validated on?
 
-Each volume becomes one row of intensity statistics (mean, std, min, max, percentiles, share of zero voxels), shape
-and voxel spacing. Evidently's DataDriftPreset compares the training rows (reference) with the test rows (current)
-column by column and writes a self-contained HTML report; the JSON summary lists what drifted, with the test used
-and its score. Intensity scale varies by orders of magnitude between scanners (as in the real Task04), which is
-exactly what this report should surface before a model meets such data.
+The reference is the model's profile (:mod:`mlops.monitoring.profile`: training inputs raw and as the network sees
+them, geometry, validation output signals), or, for a model without one, raw statistics of the source's training
+images. The current cases are the source's test images (``drift.current=test``) or the service's request records for
+this model (``requests``, from ``monitor.store``). The verdict is :func:`mlops.monitoring.compare.compare`'s
+(K-S per statistic, Benjamini-Hochberg, a minimum sample size); the report is :mod:`mlops.monitoring.report`'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import threading
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -24,45 +20,17 @@ from omegaconf import DictConfig
 
 from mlops.config import save_config
 from mlops.decathlon import read_task
-from mlops.errors import ConfigError, DatasetError
-from mlops.progress import parallel_map, workers_for
+from mlops.errors import ConfigError, DatasetError, MlopsError
+from mlops.monitoring.compare import DriftSummary, compare
+from mlops.monitoring.profile import input_row, load_case, model_key, profile_path, read_profile
+from mlops.monitoring.report import write_report
+from mlops.monitoring.signals import SIGNAL_COLUMNS
+from mlops.monitoring.stats import GEOMETRY_COLUMNS, RAW_COLUMNS, orientation, raw_stats
+from mlops.monitoring.store import read_records
+from mlops.progress import parallel_map, track, workers_for
 
-PERCENTILES = (1, 5, 50, 95, 99)
-STAT_COLUMNS = [
-    "intensity_mean",
-    "intensity_std",
-    "intensity_min",
-    "intensity_max",
-    *(f"intensity_p{p}" for p in PERCENTILES),
-    "zero_fraction",
-    "shape_x",
-    "shape_y",
-    "shape_z",
-    "spacing_x",
-    "spacing_y",
-    "spacing_z",
-]
-
-
-def array_stats(data: np.ndarray, zooms: tuple[float, ...]) -> dict[str, float]:
-    """Statistics of one volume (first channel of a multi-channel volume)."""
-    if data.ndim == 4:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {data.shape}")
-    values = data.astype(np.float64, copy=False).ravel()
-    pct = np.percentile(values, PERCENTILES)
-    row = {
-        "intensity_mean": float(values.mean()),
-        "intensity_std": float(values.std()),
-        "intensity_min": float(values.min()),
-        "intensity_max": float(values.max()),
-        **{f"intensity_p{p}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
-        "zero_fraction": float(np.count_nonzero(values == 0) / values.size),
-    }
-    row.update({f"shape_{a}": float(s) for a, s in zip("xyz", data.shape, strict=True)})
-    row.update({f"spacing_{a}": float(z) for a, z in zip("xyz", zooms[:3], strict=True)})
-    return row
+STAT_COLUMNS = [*RAW_COLUMNS, *GEOMETRY_COLUMNS]
+array_stats = raw_stats  # the raw statistics of one volume (kept under its old name)
 
 
 def volume_stats(path: Path) -> dict[str, float | str]:
@@ -71,6 +39,7 @@ def volume_stats(path: Path) -> dict[str, float | str]:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
         row: dict[str, float | str] = {"case": path.name, **array_stats(data, img.header.get_zooms())}
+        row["orientation"] = orientation(img.affine)
     except Exception as exc:
         raise DatasetError(f"{path}: unreadable volume ({type(exc).__name__}: {exc})") from exc
     return row
@@ -103,111 +72,6 @@ def collect(paths: list[Path], workers: int, description: str) -> list[dict]:
     return parallel_map(volume_stats, paths, workers, description)
 
 
-@dataclass
-class ColumnDrift:
-    column: str
-    test: str
-    score: float
-    threshold: float
-    drifted: bool
-
-
-@dataclass
-class DriftSummary:
-    reference_rows: int
-    current_rows: int
-    drift_share: float
-    drifted_columns: list[str]
-    dataset_drift: bool
-    max_drift_share: float
-    columns: list[ColumnDrift]
-    html: str
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-
-def _drifted(method: str, score: float, threshold: float) -> bool:
-    """Evidently's convention: p-value tests drift below the threshold, distances at or above it."""
-    if math.isnan(score):
-        return False
-    return score < threshold if "p_value" in method else score >= threshold
-
-
-def evidently_report(
-    reference: list[dict], current: list[dict], html: Path, summary_json: Path, max_drift_share: float
-) -> DriftSummary:
-    """Run Evidently's DataDriftPreset on the statistic columns; write the HTML report and the JSON summary."""
-    import pandas as pd
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
-
-    columns = [c for c in STAT_COLUMNS if any(c in r for r in reference)]
-    ref, cur = pd.DataFrame(reference)[columns], pd.DataFrame(current)[columns]
-    definition = DataDefinition(numerical_columns=columns)
-    snapshot = Report([DataDriftPreset(drift_share=max_drift_share)]).run(
-        current_data=Dataset.from_pandas(cur, data_definition=definition),
-        reference_data=Dataset.from_pandas(ref, data_definition=definition),
-    )
-    results = snapshot.dict()["metrics"]
-    per_column, share = [], 0.0
-    for m in results:
-        cfg = m["config"]
-        if cfg["type"].endswith("DriftedColumnsCount"):
-            share = float(m["value"]["share"])
-        elif cfg["type"].endswith("ValueDrift"):
-            score = float(m["value"])
-            per_column.append(
-                ColumnDrift(cfg["column"], cfg["method"], score, float(cfg["threshold"]), False)
-            )  # fmt: skip
-    for c in per_column:
-        c.drifted = _drifted(c.test, c.score, c.threshold)
-    drifted = [c.column for c in per_column if c.drifted]
-    if per_column and abs(len(drifted) / len(per_column) - share) > 1e-9:
-        logger.warning(f"drift share {share:.3f} from Evidently differs from per-column decisions ({drifted})")
-    html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html.with_name(html.name + ".tmp")
-    snapshot.save_html(str(tmp))
-    tmp.replace(html)
-    summary = DriftSummary(
-        reference_rows=len(ref),
-        current_rows=len(cur),
-        drift_share=share,
-        drifted_columns=drifted,
-        dataset_drift=share > max_drift_share,
-        max_drift_share=max_drift_share,
-        columns=per_column,
-        html=str(html),
-    )
-    summary_json.parent.mkdir(parents=True, exist_ok=True)
-    summary_json.write_text(summary.to_json())
-    return summary
-
-
-def read_request_log(path: Path) -> list[dict]:
-    """Statistics the service recorded for the volumes it segmented (one JSON object per line)."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: no request statistics yet (the service writes them when serve.record_stats=true)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise DatasetError(f"{path}: no requests recorded yet")
-    return rows
-
-
-class RequestLog:
-    """Appends per-request volume statistics as JSON lines (thread-safe; one line per served volume)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def record(self, name: str, data: np.ndarray, zooms: tuple[float, ...]) -> None:
-        row = {"time": time.time(), "case": name, **array_stats(data, zooms)}
-        with self._lock, self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def drift_source(cfg: DictConfig) -> Path:
     """``drift.source``, else this dataset's prepared raw folder, else ``dataset.source`` when it is a folder."""
     if cfg.drift.get("source"):
@@ -222,23 +86,117 @@ def drift_source(cfg: DictConfig) -> Path:
     raise DatasetError(f"{raw}: no prepared dataset, and {cfg.dataset.source} is not a folder; pass SOURCE")
 
 
+def profile_reference(profile: dict) -> list[dict]:
+    """The profile's rows for a comparison: training inputs, plus the validation cases' output signals only (their
+    inputs are already among the training cases)."""
+    signals = [{k: v for k, v in row.items() if k in SIGNAL_COLUMNS or k.startswith("volume_ml_")}
+               for row in profile.get("validation", [])]  # fmt: skip
+    return [*profile["reference"], *signals]
+
+
+def _model_folder(cfg: DictConfig) -> Path | None:
+    from mlops.predict import model_dir
+
+    try:
+        return model_dir(cfg)
+    except MlopsError:
+        return None
+
+
+def compare_to_profile(profile: dict, current: list[dict], cfg: DictConfig) -> DriftSummary:
+    """The verdict of ``current`` against a model's profile with the configured alpha and minimum sample size."""
+    summary = compare(
+        profile_reference(profile),
+        current,
+        model=str(profile.get("model", "")),
+        alpha=float(cfg.monitor.alpha),
+        min_samples=int(cfg.monitor.min_samples),
+        max_drift_share=float(cfg.drift.max_drift_share),
+    )
+    summary.reference_rows = len(profile["reference"])
+    return summary
+
+
 def run_drift(cfg: DictConfig) -> DriftSummary:
-    """Compare the training volumes with the test volumes (``drift.current=test``) or the served ones (``requests``)."""
-    mode = str(cfg.drift.current)
+    """Compare the test volumes (``drift.current=test``) or the served ones (``requests``) with the reference."""
+    mode, ref_mode = str(cfg.drift.current), str(cfg.drift.get("reference", "auto"))
     if mode not in ("test", "requests"):
         raise ConfigError(f"drift.current must be 'test' or 'requests', got {mode!r}")
-    source = drift_source(cfg)
-    if not source.is_dir():
-        raise DatasetError(f"{source}: no such folder")
-    train, test = task_images(source, require_test=mode == "test")
-    workers = workers_for([*train, *test], int(cfg.drift.num_workers))
-    reference = collect(train, workers, f"Statistics of {len(train)} training volumes")
-    if mode == "test":
-        current = collect(test, workers, f"Statistics of {len(test)} test volumes")
+    folder = _model_folder(cfg)
+    folds = _folds(cfg, folder)
+    has_profile = folder is not None and bool(folds) and profile_path(folder, folds).is_file()
+    if ref_mode == "profile" and not has_profile:
+        read_profile(folder or Path(str(cfg.predict.get("model_dir") or "model")), folds or ["0"])  # raises
+    profile = read_profile(folder, folds) if has_profile and ref_mode != "source" else None  # type: ignore[arg-type]
+    source, train, test = None, [], []
+    if profile is None or mode == "test":
+        source = drift_source(cfg)
+        if not source.is_dir():
+            raise DatasetError(f"{source}: no such folder")
+        train, test = task_images(source, require_test=mode == "test")
+    if profile is not None:
+        reference = profile_reference(profile)
+        model = str(profile.get("model", ""))
     else:
-        current = read_request_log(Path(cfg.drift.requests_log))
-    logger.info(f"Evidently drift report: {len(current)} current vs {len(reference)} reference volumes")
+        workers = workers_for([*train, *test], int(cfg.drift.num_workers))
+        reference = collect(train, workers, f"Statistics of {len(train)} training volumes")
+        model = folder.name if folder is not None and (folder / "plans.json").is_file() else source.name  # type: ignore[union-attr]
+    if mode == "test":
+        current = (
+            test_image_rows(cfg, folder, test)
+            if profile is not None
+            else collect(test, workers_for(test, int(cfg.drift.num_workers)), f"Statistics of {len(test)} test volumes")
+        )
+    else:
+        key = profile["model_key"] if profile is not None else _key_of(cfg, folder)
+        current = read_records(str(cfg.monitor.store), key)
+    logger.info(f"Drift: {len(current)} current vs {len(reference)} reference rows ({model})")
+    if profile is not None:
+        summary = compare_to_profile(profile, current, cfg)
+    else:
+        summary = compare(
+            reference,
+            current,
+            model=model,
+            alpha=float(cfg.monitor.alpha),
+            min_samples=int(cfg.monitor.min_samples),
+            max_drift_share=float(cfg.drift.max_drift_share),
+        )
     html = Path(cfg.drift.html)
-    summary = evidently_report(reference, current, html, Path(cfg.drift.summary), float(cfg.drift.max_drift_share))
+    write_report(summary, reference, current, html)
+    summary_json = Path(cfg.drift.summary)
+    summary_json.parent.mkdir(parents=True, exist_ok=True)
+    summary_json.write_text(summary.to_json())
     save_config(cfg, html.with_name(html.stem + "_config.yaml"))
     return summary
+
+
+def _folds(cfg: DictConfig, folder: Path | None) -> list[int | str]:
+    """``predict.folds``, or (null) every fold of the model that has the checkpoint; [] without a model."""
+    from mlops import nnunet
+
+    if folder is None or not (folder / "plans.json").is_file():
+        return []
+    if cfg.predict.folds is not None:
+        return [f if f == "all" else int(f) for f in cfg.predict.folds]
+    return nnunet.available_folds(folder, str(cfg.predict.checkpoint))
+
+
+def _key_of(cfg: DictConfig, folder: Path | None) -> str:
+    folds = _folds(cfg, folder)
+    if folder is None or not folds:
+        raise DatasetError("--current requests needs the model whose requests to read: no trained model found")
+    return model_key([folder / f"fold_{f}" / str(cfg.predict.checkpoint) for f in folds])
+
+
+def test_image_rows(cfg: DictConfig, folder: Path | None, images: list[Path]) -> list[dict]:
+    """Input statistics of test images as the model's profile has them (raw, normalised, geometry)."""
+    from mlops.predict import load_segmenter
+
+    segmenter = load_segmenter(cfg, folder)  # type: ignore[arg-type]
+    rows = []
+    for path in track(images, f"Statistics of {len(images)} test volumes", total=len(images)):
+        data, spacing, affine = load_case(path, int(segmenter.num_channels))
+        row, _ = input_row(segmenter, data, spacing, affine)
+        rows.append({"case": path.name, **row})
+    return rows

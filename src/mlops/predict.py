@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from mlops.errors import ConfigError, MlopsError, PipelineError
 from mlops.inference import Segmenter
 from mlops.inference.segmenter import Prepared
+from mlops.monitoring.signals import observe, volume_signals
 from mlops.progress import track
 from mlops.volumes import (
     CHANNEL_ANY,
@@ -50,6 +51,7 @@ class CasePrediction:
     labels: dict[int, str] = field(default_factory=dict)  # label id -> name, background included
     model: str = ""  # the model folder's name
     folds: list[str] = field(default_factory=list)
+    signals: dict[str, float | None] = field(default_factory=dict)  # mlops.monitoring.signals: output signals
 
 
 def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
@@ -235,7 +237,11 @@ def load_case(
 
 
 def write_case(
-    segmenter: Segmenter, case: LoadedCase, logits: torch.Tensor, save_probabilities: bool = False
+    segmenter: Segmenter,
+    case: LoadedCase,
+    logits: torch.Tensor,
+    signals: dict | None = None,
+    save_probabilities: bool = False,
 ) -> CasePrediction:
     """nnU-Net's export of the logits to the input's grid, saved atomically with the input's geometry; with
     ``save_probabilities`` also ``<case>.npz`` (``probabilities``: classes x z x y x) and ``<case>.pkl`` (the
@@ -266,21 +272,8 @@ def write_case(
     volumes = label_volumes(seg, case.image, segmenter.labels)
     return CasePrediction(
         case.src, case.dst, tuple(seg.shape), volumes, time.perf_counter() - case.started, dict(segmenter.labels),
-        segmenter.model_dir.name, [str(f) for f in segmenter.folds],
+        segmenter.model_dir.name, [str(f) for f in segmenter.folds], {**(signals or {}), **volume_signals(volumes)},
     )  # fmt: skip
-
-
-def segment_file(
-    segmenter: Segmenter,
-    src: Path,
-    dst: Path,
-    max_voxels: int | None,
-    tta: bool | None,
-    budget: Budget | None = None,
-) -> CasePrediction:
-    """One file, start to end, in this thread."""
-    case = load_case(segmenter, src, dst, max_voxels, budget)
-    return write_case(segmenter, case, segmenter.logits(case.prepared, tta))
 
 
 def predict(
@@ -325,9 +318,11 @@ def predict(
             siblings = [p for p in source.parent.iterdir() if CHANNEL_ANY.search(p.name)
                         and p.name[: CHANNEL_ANY.search(p.name).start()] == prefix]  # fmt: skip
             _, groups = group_channels(sorted(siblings), segmenter.num_channels)
+    member_mib = float(cfg.monitor.max_member_mib)
     if len(targets) == 1:
         case = load_case(segmenter, *targets[0], max_voxels, budget, groups.get(targets[0][0]))
-        return [write_case(segmenter, case, segmenter.logits(case.prepared, tta), save_probabilities)]
+        return [write_case(segmenter, case, *observe(segmenter, case.prepared, tta, None, member_mib),
+                           save_probabilities)]  # fmt: skip
 
     results: list[CasePrediction] = []
     failures: list[str] = []
@@ -361,12 +356,12 @@ def predict(
                 loads[i + 1] = loader.submit(load_case, segmenter, *nxt, max_voxels, budget, groups.get(nxt[0]))
             try:
                 case = loads.pop(i).result()
-                logits = segmenter.logits(case.prepared, tta)
+                logits, signals = observe(segmenter, case.prepared, tta, None, member_mib)
             except Exception as exc:
                 failed(src, exc)
                 continue
             collect(writing)
-            writing = (src, writer.submit(write_case, segmenter, case, logits, save_probabilities))
+            writing = (src, writer.submit(write_case, segmenter, case, logits, signals, save_probabilities))
         collect(writing)
     if failures:
         raise InputError(

@@ -124,6 +124,17 @@ class Drift(_Section):
     current: Literal["test", "requests"]
     max_drift_share: float = Field(ge=0, le=1)
     num_workers: int = PositiveInt
+    reference: Literal["auto", "profile", "source"] = "auto"
+
+
+class Monitor(_Section):
+    store: str
+    flush_s: float = Field(ge=0)
+    alpha: float = Field(gt=0, lt=1)
+    min_samples: int = PositiveInt
+    profile_on_train: bool
+    profile_val_cases: int = Field(ge=0)
+    max_member_mib: float = Field(ge=0)
 
 
 class BatchRay(_Section):
@@ -157,6 +168,7 @@ class Config(_Section):
     serve: Serve
     drift: Drift
     batch: Batch
+    monitor: Monitor
 
 
 def validate(values: dict[str, Any]) -> None:

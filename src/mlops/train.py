@@ -316,6 +316,8 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
             warn_weak_labels(report)
             tracker.summary({f"final/dice/{k}": v for k, v in report.mean.items()})
             tracker.summary({"final/dice/foreground_mean": report.foreground_mean})
+        if cfg.monitor.get("profile_on_train"):
+            write_reference_profile(cfg, model_dir, fold)
         if cfg.wandb.log_model:
             tracker.log_model(
                 name=f"nnunet-{identity.folder}-{settings.configuration}-fold{fold}",
@@ -342,3 +344,15 @@ def train(cfg: DictConfig, continue_training: bool = False) -> TrainResult:
     finally:
         tracker.finish(exit_code)
         logger.remove(sink)
+
+
+def write_reference_profile(cfg: DictConfig, model_dir: Path, fold: int | str) -> Path | None:
+    """The monitoring reference profile of the fold just trained; a failure is a warning, never a lost training."""
+    from mlops.monitoring.profile import profile_model
+
+    try:
+        return profile_model(cfg, model_dir, folds=[fold])
+    except Exception as exc:
+        logger.warning(f"{model_dir}: no reference profile written ({type(exc).__name__}: {exc}); "
+                       "run `mlops monitor profile` later")  # fmt: skip
+        return None

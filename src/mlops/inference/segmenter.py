@@ -111,9 +111,16 @@ class Segmenter:
         return Prepared(torch.from_numpy(np.ascontiguousarray(pre)), props, time.perf_counter() - t0)
 
     def logits(
-        self, prepared: Prepared, tta: bool | None = None, cancel: Callable[[], bool] | None = None
+        self,
+        prepared: Prepared,
+        tta: bool | None = None,
+        cancel: Callable[[], bool] | None = None,
+        members: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Logits (k, z, y, x) of a prepared case, on the CPU, fp32 (nnU-Net's backend: its own fp16)."""
+        """Logits (k, z, y, x) of a prepared case, on the CPU, fp32 (nnU-Net's backend: its own fp16).
+
+        ``members``: a list that receives each fold's (or, with one fold, each mirrored pass's) argmax labels, for
+        :mod:`mlops.monitoring`'s disagreement signal; nnU-Net's own predictor backend leaves it empty."""
         tta = self.default_tta if tta is None else tta
         with self._lock:
             if cancel is not None and cancel():
@@ -132,6 +139,7 @@ class Segmenter:
                 self.max_batch,
                 self.device,
                 cancel,
+                members,
             )
             return out.cpu()
 

@@ -34,9 +34,15 @@ def sliding_window_logits(
     max_batch: int,
     device: torch.device,
     cancel: Callable[[], bool] | None = None,
+    members: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits (k, z, y, x) of ``data`` (c, z, y, x): the mean over ``runners`` (folds) of the Gaussian-weighted,
-    mirror-averaged tile predictions. ``max_batch`` bounds the tiles x mirrors of one forward pass."""
+    mirror-averaged tile predictions. ``max_batch`` bounds the tiles x mirrors of one forward pass.
+
+    ``members``: when a list is given, the argmax labels (z, y, x, uint8) of each ensemble member are appended to it,
+    for the disagreement signal of :mod:`mlops.monitoring`: one per fold with several folds, else one per mirrored
+    pass (which then costs one extra logit buffer per mirror). ``None`` (the default) leaves this path untouched.
+    """
     data = data.to(device=device, dtype=torch.float32)
     padded, revert = nnunet.pad_to_patch(data, patch_size)
     shape = tuple(padded.shape[1:])
@@ -51,6 +57,8 @@ def sliding_window_logits(
     for sl in tiles:
         weights[sl] += gaussian
     total = torch.zeros((num_classes, *shape), dtype=torch.float32, device=device)
+    per_mirror = members is not None and len(runners) == 1 and len(combos) > 1
+    mirrored = [torch.zeros_like(total) for _ in combos] if per_mirror else []
     for run in runners:
         logits = torch.zeros_like(total)
         for first in range(0, len(tiles), per_pass):
@@ -69,10 +77,21 @@ def sliding_window_logits(
                     pred += _flip(group[m], axes)
                 pred /= len(combos)
                 logits[(slice(None), *sl)] += pred * gaussian
+                for m, axes in enumerate(combos if per_mirror else ()):
+                    mirrored[m][(slice(None), *sl)] += _flip(group[m], axes) * gaussian
         total += logits / weights
+        if members is not None and len(runners) > 1:
+            members.append(_labels(logits[(slice(None), *revert[1:])]))
     if len(runners) > 1:
         total /= len(runners)
+    for buffer in mirrored:  # the weights divide every voxel by a positive number: the argmax needs no division
+        members.append(_labels(buffer[(slice(None), *revert[1:])]))  # type: ignore[union-attr]
     return total[(slice(None), *revert[1:])]
+
+
+def _labels(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax labels (z, y, x) as uint8 on the CPU: small enough to keep one per ensemble member."""
+    return logits.argmax(0).to(torch.uint8).cpu()
 
 
 def _flip(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:

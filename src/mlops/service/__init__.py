@@ -16,7 +16,7 @@ from mlops.service.info import model_info
 from mlops.service.page import add_page_routes
 
 # Headers the page and a browser client read from a /predict answer (exposed to other origins under CORS).
-EXPOSED_HEADERS = ["X-Label-Volumes-mm3", "X-Inference-Seconds", "Content-Disposition"]
+EXPOSED_HEADERS = ["X-Label-Volumes-mm3", "X-Inference-Seconds", "X-Output-Signals", "Content-Disposition"]
 
 
 def install(app: FastAPI, cfg: DictConfig) -> None:

@@ -1,0 +1,373 @@
+"""Monitoring without labels: output signals and the engine's member hook, the verdict (K-S + Benjamini-Hochberg +
+minimum samples), the request store (local and memory://), the reference profile, the live service, alert rules."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mlops.inference.window import mirror_combinations, sliding_window_logits
+from mlops.monitoring.compare import NOT_ENOUGH, benjamini_hochberg, compare
+from mlops.monitoring.profile import PROFILE_NAME, model_key
+from mlops.monitoring.report import render
+from mlops.monitoring.signals import dice, output_signals
+from mlops.monitoring.stats import normalised_stats, raw_stats
+from mlops.monitoring.store import RequestStore, read_records
+
+from .conftest import TrainedModel, run_mlops, wait_ready
+from .test_api import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy" / "monitoring"
+
+
+# --- the engine's hook and the output signals ----------------------------------------------------------------------
+
+
+def _asymmetric_runner(weight: float = 1.0):
+    """A stand-in network (the hook's arithmetic, not a model, is under test): logits depend on position, so
+    mirrored passes disagree; class 1 wins where the smoothed input is high."""
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-1, 1, batch.shape[-1]).view(1, 1, 1, 1, -1)
+        fg = weight * batch[:, :1] + 0.8 * ramp
+        return torch.cat([torch.zeros_like(fg), fg], dim=1)
+
+    return run
+
+
+def test_member_hook_leaves_logits_unchanged_and_collects_each_mirror_or_fold() -> None:
+    torch.manual_seed(0)
+    data = torch.randn(1, 20, 24, 28)
+    args = ((12, 12, 16), 2, 0.5, (0, 1, 2), 8, torch.device("cpu"))
+    plain = sliding_window_logits(data, [_asymmetric_runner()], *args)
+    members: list[torch.Tensor] = []
+    hooked = sliding_window_logits(data, [_asymmetric_runner()], *args, members=members)
+    assert torch.equal(plain, hooked)  # the default answer is bit-identical with the hook on
+    assert len(members) == len(mirror_combinations((0, 1, 2))) == 8
+    assert all(m.shape == data.shape[1:] and m.dtype == torch.uint8 for m in members)
+    pairs = [dice(members[0], m) for m in members[1:]]
+    assert min(pairs) < 0.99  # the position-dependent runner makes mirrored passes disagree
+    folds: list[torch.Tensor] = []
+    sliding_window_logits(data, [_asymmetric_runner(1.0), _asymmetric_runner(-1.0)], *args, members=folds)
+    assert len(folds) == 2 and dice(folds[0], folds[1]) < 0.9  # opposite folds disagree
+    none: list[torch.Tensor] = []
+    sliding_window_logits(data, [_asymmetric_runner()], *args[:3], None, *args[4:], members=none)
+    assert none == []  # no mirroring, one fold: nothing to compare
+
+
+def test_output_signals_are_exact() -> None:
+    p = torch.tensor([0.9, 0.6, 0.2, 0.1])  # foreground probability of 4 voxels, 2 classes
+    logits = torch.stack([torch.log(1 - p), torch.log(p)]).view(2, 1, 2, 2)
+    a = torch.tensor([[[1, 1], [0, 0]]], dtype=torch.uint8)
+    b = torch.tensor([[[1, 0], [0, 0]]], dtype=torch.uint8)
+    s = output_signals(logits, [a, a, b])
+    assert s["confidence_foreground"] == pytest.approx((0.9 + 0.6) / 2)
+    assert s["confidence_overall"] == pytest.approx((0.9 + 0.6 + 0.8 + 0.9) / 4)
+    h = [-(q * math.log(q) + (1 - q) * math.log(1 - q)) / math.log(2) for q in (0.9, 0.6)]
+    assert s["entropy_foreground"] == pytest.approx(sum(h) / 2)
+    assert s["agreement_dice_mean"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    assert s["agreement_dice_min"] == pytest.approx(2 / 3)
+    assert s["foreground_fraction"] == 0.5
+    empty = output_signals(torch.stack([torch.zeros(1, 2, 2), -torch.ones(1, 2, 2)]))
+    assert empty["confidence_foreground"] is None and empty["agreement_dice_mean"] is None
+
+
+def test_normalised_statistics_see_noise_and_bias() -> None:
+    _z, y, x = np.mgrid[0:32, 0:32, 0:32].astype(np.float32)
+    smooth = np.sin(x / 6) + np.cos(y / 7)  # smooth anatomy: neighbours differ little
+    noisy = smooth + np.random.default_rng(0).normal(0, 0.5, smooth.shape)
+    assert normalised_stats(noisy[None])["norm_noise"] > 3 * normalised_stats(smooth[None])["norm_noise"]
+    texture = np.sin(x / 2) + np.cos(y / 3)  # no trend across the volume
+    assert normalised_stats((texture + x / 8)[None])["norm_bias"] > 3 * normalised_stats(texture[None])["norm_bias"]
+    raw = raw_stats(np.arange(1000, dtype=np.float32).reshape(10, 10, 10), (2.0, 1.0, 0.5))
+    assert raw["intensity_p50"] == 499.5 and raw["spacing_x"] == 2.0 and raw["zero_fraction"] == 0.001
+
+
+# --- the verdict ----------------------------------------------------------------------------------------------------
+
+
+def test_benjamini_hochberg_matches_scipy() -> None:
+    from scipy.stats import false_discovery_control
+
+    p = [*list(np.random.default_rng(3).uniform(0, 0.2, 17)), 1e-09, 0.5]
+    assert benjamini_hochberg(p) == pytest.approx(list(false_discovery_control(p, method="bh")))
+
+
+def _rows(n: int, seed: int, shift: float = 0.0, orientation: str = "RAS") -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"norm_p99": float(2 + shift + rng.normal(0, 0.3)), "norm_noise": float(rng.normal(0.1, 0.01)),
+         "intensity_mean": float(rng.lognormal(6, 1)), "spacing_z": 1.0, "orientation": orientation,
+         "confidence_foreground": float(rng.uniform(0.85, 0.95)), "id": f"r{seed}-{i}"}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_verdict_orders_drifted_first_and_explains_each() -> None:
+    reference, current = _rows(120, 0), _rows(30, 1, shift=1.0)
+    current[0]["norm_p99"] = 40.0  # one case far out
+    s = compare(reference, current, model="Dataset004", min_samples=20)
+    assert s.verdict == "drift" and s.drifted_columns == ["norm_p99"]
+    assert s.columns[0].column == "norm_p99" and not any(c.drifted for c in s.columns[1:])
+    assert len(s.summary_lines) == 1 and "Normalised intensity 99th percentile" in s.summary_lines[0]
+    assert "after Benjamini-Hochberg" in s.summary_lines[0] and "Benjamini-Hochberg" in s.correction
+    assert s.outliers[0].case == current[0]["id"] and s.outliers[0].column == "norm_p99"
+    page = render(s, reference, current)
+    assert "Dataset004 - 30 current vs 120 reference cases" in page and "Benjamini-Hochberg" in page
+    assert "(log scale)" in page and "<script" not in page and "http" not in page
+
+
+def test_same_distribution_is_not_flagged_over_repeated_draws() -> None:
+    verdicts = [compare(_rows(120, 100 + k), _rows(30, 200 + k)).verdict for k in range(20)]
+    assert verdicts.count("drift") <= 2  # FDR 0.05 over 6 statistics, 20 independent re-draws
+    assert verdicts.count("no drift") >= 18
+
+
+def test_minimum_samples_gives_no_verdict() -> None:
+    reference, shifted = _rows(120, 0), _rows(200, 1, shift=5.0)
+    few = compare(reference, shifted[:8], min_samples=20)
+    assert few.verdict == NOT_ENOUGH and few.drifted_columns == [] and few.dataset_drift is False
+    assert "Not enough data: 8 current case(s), at least 20" in few.summary_lines[0]
+    enough = compare(reference, shifted[:20], min_samples=20)
+    assert enough.verdict == "drift" and "norm_p99" in enough.drifted_columns
+
+
+def test_unseen_orientation_drifts() -> None:
+    s = compare(_rows(120, 0), _rows(25, 1, orientation="LPS"))
+    assert "orientation" in s.drifted_columns
+    assert any("never seen in the reference (LPS)" in line for line in s.summary_lines)
+
+
+# --- the store ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_store_one_file_per_instance_and_day(kind: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "store") if kind == "local" else f"memory://monitor-{tmp_path.name}"
+    day1, day2 = 1_780_000_000.0, 1_780_000_000.0 + 86400
+    a, b = RequestStore(url, "abc123"), RequestStore(url, "abc123")
+    ids = [a.record({"norm_p99": 1.0}, now=day1), b.record({"norm_p99": 2.0}, now=day1 + 1),
+           a.record({"norm_p99": 3.0}, now=day2)]  # fmt: skip
+    RequestStore(url, "other-model").record({"norm_p99": 9.0}, now=day1)
+    fs, root = fsspec.core.url_to_fs(url)
+    files = sorted(fs.glob(f"{root}/abc123/*/*.jsonl"))
+    assert len(files) == 3 and {f.rsplit("/", 2)[-2] for f in files} == {"2026-05-28", "2026-05-29"}
+    rows = read_records(url, "abc123")
+    assert [r["norm_p99"] for r in rows] == [1.0, 2.0, 3.0] and [r["id"] for r in rows] == ids
+    assert all(set(r) == {"id", "time", "norm_p99"} for r in rows)  # statistics, a random id and the time only
+    lazy = RequestStore(url, "lazy", flush_s=3600)
+    lazy.record({"x": 1.0}, now=day1)
+    lazy.record({"x": 2.0}, now=day1 + 5)  # within flush_s: held in memory
+    assert len(read_records(url, "lazy")) == 1
+    lazy.flush()
+    assert len(read_records(url, "lazy")) == 2
+    with pytest.raises(Exception, match="no request records for model nothing"):
+        read_records(url, "nothing")
+
+
+# --- the reference profile, the CLI and the live service on a really trained model --------------------------------
+
+
+def test_training_writes_the_profile(trained_synth: TrainedModel) -> None:
+    """`mlops train` ended by writing the profile: every training case's inputs, the fold's validation signals."""
+    profile = json.loads((trained_synth.fold_dir / PROFILE_NAME).read_text())
+    assert len(profile["reference"]) == 8 and profile["folds"] == ["0"]
+    assert profile["model_key"] == model_key([trained_synth.fold_dir / "checkpoint_final.pth"])
+    splits_file = trained_synth.workspace.preprocessed / trained_synth.dataset / "splits_final.json"
+    splits = json.loads(splits_file.read_text())
+    assert sorted(r["case"] for r in profile["validation"]) == sorted(splits[0]["val"])
+    row = profile["validation"][0]
+    assert {"norm_p99", "norm_noise", "intensity_p99", "spacing_z", "orientation", "confidence_overall"} <= set(row)
+    assert 0.5 <= row["confidence_overall"] <= 1 and 0 <= row["agreement_dice_mean"] <= 1  # TTA: 8 mirrored passes
+    assert abs(profile["reference"][0]["norm_p50"]) < 3  # z-scored by nnU-Net, whatever the raw scale
+
+
+def test_predict_json_has_signals(trained_synth: TrainedModel, synth_task: Path, tmp_path: Path) -> None:
+    src = synth_task / "imagesTs" / "synth_008.nii.gz"
+    proc = run_mlops("predict", str(src), "-o", str(tmp_path / "o.nii.gz"), "--json",
+                     f"predict.model_dir={trained_synth.model_dir}", env=trained_synth.workspace.env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    signals = json.loads(proc.stdout)[0]["signals"]
+    assert 0.5 <= signals["confidence_overall"] <= 1 and 0 <= signals["agreement_dice_mean"] <= 1
+    assert signals["agreement_dice_min"] <= signals["agreement_dice_mean"]
+    assert set(signals) >= {"entropy_foreground", "volume_ml_Anterior", "volume_ml_Posterior"}
+
+
+def test_monitor_profile_and_drift_of_test_images(
+    trained_synth: TrainedModel, synth_task: Path, tmp_path: Path
+) -> None:
+    """`mlops monitor profile` on a copy of the model folder; `mlops drift` then compares against that profile."""
+    model = tmp_path / trained_synth.model_dir.name
+    shutil.copytree(trained_synth.model_dir, model, ignore=shutil.ignore_patterns(PROFILE_NAME, "*.log"))
+    env = trained_synth.workspace.env()
+    proc = run_mlops("monitor", "profile", "--model", str(model), "--source", str(synth_task), "predict.tta=false",
+                     "monitor.profile_val_cases=1", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    profile = json.loads((model / "fold_0" / PROFILE_NAME).read_text())
+    assert len(profile["reference"]) == 8 and len(profile["validation"]) == 1
+    assert profile["validation"][0]["agreement_dice_mean"] is None  # no mirroring, one fold: nothing to compare
+    proc = run_mlops("drift", str(synth_task), f"predict.model_dir={model}", f"paths.reports={tmp_path}", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "drift_summary.json").read_text())
+    assert summary["model"] == model.name and (summary["reference_rows"], summary["current_rows"]) == (8, 2)
+    assert summary["verdict"] == "not enough data"
+    assert any(c["column"] == "norm_p99" for c in summary["columns"])  # the profile's normalised statistics
+
+
+@pytest.fixture(scope="module")
+def monitored(trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """`mlops serve` with its request store in a temporary folder and a low minimum sample size."""
+    port, tmp = free_port(), tmp_path_factory.mktemp("monitored")
+    env = {**trained_synth.workspace.env(), "PORT": str(port), "TMPDIR": str(tmp)}
+    store = tmp / "store"
+    args = ["serve", f"predict.model_dir={trained_synth.model_dir}", "predict.tta=true", f"monitor.store={store}",
+            "monitor.min_samples=4"]  # fmt: skip
+    log = tmp / "server.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlops"), *args], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(proc, url, log)
+            yield url, store
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def test_service_signals_records_metrics_and_live_drift(
+    monitored: tuple[str, Path], synth_task: Path, trained_synth: TrainedModel
+) -> None:
+    url, store = monitored
+    src = synth_task / "imagesTs" / "synth_008.nii.gz"
+    before = httpx.get(f"{url}/monitoring/drift", params={"format": "json"}, timeout=60).json()
+    assert before["verdict"] == "not enough data" and before["current_rows"] == 0
+    resp = httpx.post(f"{url}/predict", files={"file": ("jane_doe_001.nii.gz", src.read_bytes())},
+                      params={"format": "json"}, timeout=120)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert json.loads(resp.headers["x-output-signals"]) == body["signals"]
+    assert 0 <= body["signals"]["agreement_dice_mean"] <= 1 and 0.5 <= body["signals"]["confidence_overall"] <= 1
+    nifti = httpx.post(f"{url}/predict", files={"file": ("b.nii.gz", src.read_bytes())}, timeout=120)
+    assert nifti.status_code == 200 and "confidence_foreground" in json.loads(nifti.headers["x-output-signals"])
+    for _ in range(2):
+        assert httpx.post(f"{url}/predict", files={"file": ("c.nii", src.read_bytes())}, timeout=120).status_code == 200
+    key = model_key([trained_synth.fold_dir / "checkpoint_final.pth"])
+    rows = read_records(str(store), key)
+    assert len(rows) == 4 and all(len(r["id"]) == 32 for r in rows)
+    text = "".join(p.read_text() for p in store.rglob("*.jsonl"))
+    assert "jane_doe" not in text and ".nii" not in text and '"case"' not in text  # no file names, no identifiers
+    assert {"norm_p99", "intensity_p99", "orientation", "confidence_foreground", "volume_ml_Posterior"} <= set(rows[0])
+    page = httpx.get(f"{url}/monitoring/drift", timeout=60)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f"{trained_synth.model_dir.name} - 4 current vs 8 reference cases" in page.text
+    assert "Benjamini-Hochberg" in page.text and "Verdict:" in page.text
+    summary = httpx.get(f"{url}/monitoring/drift", params={"format": "json"}, timeout=60).json()
+    assert summary["current_rows"] == 4 and summary["verdict"] in ("drift", "no drift")
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert re.search(r'mlops_prediction_confidence_count\{region="foreground"\} 4\.0', metrics)
+    assert re.search(r"mlops_prediction_agreement_dice_count 4\.0", metrics)
+    assert re.search(r'mlops_prediction_volume_ml_count\{label="Posterior"\} 4\.0', metrics)
+    assert re.search(r"mlops_drift_current_samples 4\.0", metrics)
+    check_alert_rules(metrics)
+
+
+# --- alerting as code -----------------------------------------------------------------------------------------------
+
+PROMQL_WORDS = {"by", "without", "and", "or", "unless", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
+PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "rate", "increase", "histogram_quantile", "clamp_min", "abs"}
+
+
+def promql_references(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
+    """(metric selectors with their matcher label names, grouping label names) of a PromQL expression.
+
+    A parse check, not Prometheus's parser (no promtool wheel exists on PyPI): balanced brackets, known functions,
+    valid regex matchers, and every identifier classified as function, keyword, metric or label."""
+    assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+    assert re.search(r"(>|<|>=|<=|==|!=)\s*[0-9.e-]+\s*($|and|or|unless)", expr), f"no threshold comparison: {expr}"
+    grouping: set[str] = set()
+    for m in re.finditer(r"\b(by|without)\s*\(([^)]*)\)", expr):
+        grouping |= {g.strip() for g in m.group(2).split(",") if g.strip()}
+    stripped = re.sub(r"\b(by|without)\s*\([^)]*\)", " ", expr)
+    stripped = re.sub(r"\[[0-9]+[smhd]\]", " ", stripped)
+    selectors = []
+    for m in re.finditer(r"(?<![\w.])([A-Za-z_:][\w:]*)\s*(\{([^}]*)\})?\s*(\()?", stripped):
+        name, matchers, call = m.group(1), m.group(3), m.group(4)
+        if call:
+            assert name in PROMQL_FUNCTIONS, f"unknown function {name} in {expr}"
+            continue
+        if name in PROMQL_WORDS or re.fullmatch(r"[0-9.e]+", name):
+            continue
+        labels = set()
+        for lm in re.finditer(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', matchers or ""):
+            labels.add(lm.group(1))
+            if lm.group(2) in ("=~", "!~"):
+                re.compile(lm.group(3))
+        selectors.append((name, labels))
+    return selectors, grouping
+
+
+def scraped_families(metrics: str) -> dict[str, set[str]]:
+    """Series names a real /metrics exposes (histogram _bucket/_count/_sum, counter _total) -> their label names.
+    Families come from the HELP/TYPE lines, so a labelled counter with no series yet (e.g. a 5xx) still counts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names: dict[str, set[str]] = {}
+    suffixes = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",), "gauge": ("",)}
+    for fam in text_string_to_metric_families(metrics):
+        labels = set().union(*(set(s.labels) for s in fam.samples)) if fam.samples else set()
+        for suffix in suffixes.get(fam.type, ("",)):
+            names[fam.name + suffix] = {lab for lab in labels if suffix == "_bucket" or lab != "le"}
+    return names
+
+
+def alert_expressions() -> dict[str, str]:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "mlops-alerts.yaml").read_text())["groups"][0]["rules"]
+    return {r["alert"]: " ".join(r["expr"].split()) for r in rules}
+
+
+def check_alert_rules(metrics: str) -> None:
+    families = scraped_families(metrics)
+    try:  # Prometheus's grammar (a Rust port, PyPI promql-parser) where installed; the checks below run regardless
+        import promql_parser
+    except ImportError:
+        promql_parser = None
+    for alert, expr in alert_expressions().items():
+        if promql_parser is not None:
+            promql_parser.parse(expr)
+        selectors, grouping = promql_references(expr)
+        assert selectors, alert
+        for name, labels in selectors:
+            assert name in families, f"{alert}: {name} is not a metric the service exposes"
+            assert labels <= families[name], f"{alert}: {name} has no label(s) {labels - families[name]}"
+        assert grouping <= set().union(*(families[n] for n, _ in selectors)), f"{alert}: grouping {grouping}"
+
+
+def test_alert_rules_and_cloud_policies_agree() -> None:
+    """Four alerts (errors, latency, confidence, drift), each with the equivalent Cloud Monitoring policy."""
+    rules = alert_expressions()
+    assert set(rules) == {"MlopsPredictErrorRate", "MlopsPredictLatencyHigh", "MlopsLowConfidence", "MlopsInputDrift"}
+    policies = {p.name: json.loads(p.read_text()) for p in (DEPLOY / "cloud-monitoring").glob("*.json")}
+    assert len(policies) == len(rules)
+    for policy in policies.values():
+        condition = policy["conditions"][0]["conditionPrometheusQueryLanguage"]
+        assert condition["query"] == rules[policy["displayName"]]
+        assert re.fullmatch(r"[0-9]+s", condition["duration"]) and policy["combiner"] == "OR"
+    with pytest.raises(AssertionError, match="no threshold"):
+        promql_references("sum(rate(mlops_http_requests_total[5m]))")
+    with pytest.raises(AssertionError, match="unknown function"):
+        promql_references("sum(rat(mlops_http_requests_total[5m])) > 1")
