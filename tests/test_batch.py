@@ -24,6 +24,7 @@ import pytest
 
 from mlops.batch.sources import RECORDS, list_cases
 from mlops.errors import DatasetError
+from mlops.monitoring.signals import SIGNAL_COLUMNS
 
 from .conftest import HIPPOCAMPUS, TrainedModel, run_mlops
 
@@ -77,6 +78,10 @@ def assert_same_as_predict(
         assert got == gzip.decompress(Path(want["output"]).read_bytes()), f"{case}: differs from mlops predict"
         for name, mm3 in want["volumes_mm3"].items():
             assert rows.loc[case, f"{name}_mm3"] == pytest.approx(mm3, abs=1e-3)
+        for column in SIGNAL_COLUMNS:  # the same output signals (model health) as `mlops predict --json`
+            expected_signal = want["signals"][column]
+            got_signal = rows.loc[case, column]
+            assert np.isnan(got_signal) if expected_signal is None else got_signal == pytest.approx(expected_signal)
         img = nib.load(dest / f"{case}.nii.gz")
         assert rows.loc[case, "shape"] == "x".join(map(str, img.shape))
     no_partial_files(dest)

@@ -65,7 +65,10 @@ class SegmentActor:
 
     def __init__(self, cfg: DictConfig, model_dir: str, model_uri: str | None, model_sha256: str, run_id: str) -> None:
         from mlops.inference.fetch import fetch_model
+        from mlops.monitoring.signals import SIGNAL_COLUMNS, observe
         from mlops.predict import load_segmenter
+
+        self.observe, self.signal_columns = observe, SIGNAL_COLUMNS  # torch stays out of the read tasks
 
         # A model given by URL is fetched once per node (the driver's copy is on another machine in a cluster).
         folder = fetch_model(model_uri, Path(cfg.batch.model_cache)) if model_uri else Path(model_dir)
@@ -76,6 +79,7 @@ class SegmentActor:
         mib = cfg.predict.get("max_request_mib")
         self.budget = Budget(ModelGrid.of(self.segmenter), int(float(mib) * 2**20)) if mib else None
         self.names = [name for value, name in sorted(self.segmenter.labels.items()) if value != 0]
+        self.member_mib = float(cfg.monitor.max_member_mib)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -93,6 +97,7 @@ class SegmentActor:
             "shape": None,
             "spacing_mm": None,
             **{f"{name}_mm3": float("nan") for name in self.names},
+            **dict.fromkeys(self.signal_columns, float("nan")),  # output signals (mlops.monitoring): model health
             "seconds": float("nan"),
             "model_sha256": self.model_sha256,
             "tta": self.tta,
@@ -124,7 +129,9 @@ class SegmentActor:
             img = decode_nifti(bytes(item["data"]), name, self.max_voxels, self.budget)
             data = check_volume(img, name, self.segmenter.num_channels, self.budget)
             zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-            seg = self.segmenter.segment(data, zooms, tta=self.tta)
+            prepared = self.segmenter.prepare(data, zooms)
+            logits, signals = self.observe(self.segmenter, prepared, self.tta, None, self.member_mib)
+            seg = self.segmenter.finish(prepared, logits)
             sink.write_bytes(str(item["output"]), to_gzip_bytes(segmentation_like(seg, img)))
         except MlopsError as exc:
             logger.warning(str(exc))
@@ -139,6 +146,7 @@ class SegmentActor:
             shape="x".join(str(s) for s in seg.shape),
             spacing_mm="x".join(f"{z:g}" for z in zooms),
             **{f"{n}_mm3": float(v) for n, v in volumes.items()},
+            **{k: float("nan") if v is None else float(v) for k, v in signals.items()},
             seconds=round(time.perf_counter() - t0, 3),
         )
         sink.write_record(str(item["record"]), row)  # after the output: a record means the output is whole
