@@ -398,12 +398,7 @@ def train_fold(
 
     summary = None
     if settings.validate:
-        logger.info("Running nnU-Net's validation of this fold")
-        try:
-            with nnunet_output_to_log():
-                trainer.perform_actual_validation(settings.save_probabilities)
-        except Exception as exc:
-            raise PipelineError(f"nnU-Net validation failed in {folder}: {type(exc).__name__}: {exc}") from exc
+        _validate(trainer, folder, settings.save_probabilities)
         summary = folder / "validation" / "summary.json"
     return TrainOutcome(
         output_folder=folder,
@@ -435,10 +430,20 @@ def validate_fold(settings: TrainSettings, device: torch.device, checkpoint: str
     try:
         with nnunet_output_to_log():
             trainer.load_checkpoint(str(path))
-            trainer.perform_actual_validation(settings.save_probabilities)
+    except Exception as exc:
+        raise PipelineError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: {exc})") from exc
+    _validate(trainer, folder, settings.save_probabilities)
+    return folder / "validation" / "summary.json"
+
+
+def _validate(trainer: nnUNetTrainer, folder: Path, save_probabilities: bool) -> None:
+    """nnU-Net's validation of a fold's held-out cases (predicted, exported and scored into validation/)."""
+    logger.info("Running nnU-Net's validation of this fold")
+    try:
+        with nnunet_output_to_log():
+            trainer.perform_actual_validation(save_probabilities)
     except Exception as exc:
         raise PipelineError(f"nnU-Net validation failed in {folder}: {type(exc).__name__}: {exc}") from exc
-    return folder / "validation" / "summary.json"
 
 
 def _already_trained(trainer: nnUNetTrainer, folder: Path, settings: TrainSettings, epochs: int) -> TrainOutcome:
@@ -446,12 +451,7 @@ def _already_trained(trainer: nnUNetTrainer, folder: Path, settings: TrainSettin
     summary = folder / "validation" / "summary.json"
     logger.info(f"{folder.name} already finished its {epochs} epochs; nothing to resume")
     if settings.validate and not summary.is_file():
-        logger.info("Running nnU-Net's validation of this fold")
-        try:
-            with nnunet_output_to_log():
-                trainer.perform_actual_validation(settings.save_probabilities)
-        except Exception as exc:
-            raise PipelineError(f"nnU-Net validation failed in {folder}: {type(exc).__name__}: {exc}") from exc
+        _validate(trainer, folder, settings.save_probabilities)
     return TrainOutcome(
         folder, folder / "checkpoint_final.pth", epochs, 0, epochs, summary if summary.is_file() else None
     )
