@@ -259,6 +259,11 @@ def test_listing_rules(synth_task: Path, tmp_path: Path) -> None:
     pd.DataFrame({"image": ["a/T1w_0000.nii.gz"]}).to_csv(manifest, index=False)
     with pytest.raises(DatasetError, match=r"m.csv: no 'path' column \(columns: image\)"):
         list_cases(str(manifest), str(tmp_path / "out"))
+    links = tmp_path / "links"  # a folder of symlinks (nnU-Net's _0000 naming, as scripts often lay it out)
+    links.mkdir()
+    (links / "x_0000.nii.gz").symlink_to(synth_task / "imagesTs" / "synth_008.nii.gz")
+    (links / "dangling_0000.nii.gz").symlink_to(tmp_path / "missing.nii.gz")
+    assert [c.case for c in list_cases(str(links), str(tmp_path / "out"))] == ["x"]
     with pytest.raises(DatasetError, match="must differ from the input folder"):
         list_cases(str(tmp_path / "a"), str(tmp_path / "a"))
     with pytest.raises(DatasetError, match="no such folder"):

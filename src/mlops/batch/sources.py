@@ -108,7 +108,7 @@ def _folder(source: str, dest: str) -> list[tuple[str, str, str, str | None]]:
     files = sorted(
         e["name"]
         for e in entries
-        if e.get("type") == "file"
+        if (e.get("type") == "file" or (e.get("islink") and fs.isfile(e["name"])))  # fsspec: a symlink is "other"
         and is_nifti_name(posixpath.basename(e["name"]))
         and not posixpath.basename(e["name"]).startswith(".")
     )
