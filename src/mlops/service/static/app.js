@@ -121,6 +121,7 @@ async function initViewer() {
 function clearViewer() {
   if (!state.nv) return;
   for (const v of [...state.nv.volumes]) state.nv.removeVolume(v);
+  delete document.body.dataset.centreVoxel;
   state.scan = state.seg = null;
 }
 
@@ -139,7 +140,33 @@ async function showSegmentation(blob) {
   seg.opacity = Number($("opacity").value) / 100;
   state.nv.addVolume(seg);
   state.seg = seg;
+  const centre = foregroundCentre(seg);
+  if (centre) {
+    // Open where the segmentation is (as `mlops predict --preview` does): a small structure off the volume's middle
+    // would otherwise be in none of the three slices shown.
+    document.body.dataset.centreVoxel = centre.join(",");
+    state.nv.scene.crosshairPos = state.nv.mm2frac(voxelToMM(seg.hdr.affine, centre));
+  }
   state.nv.updateGLVolume();
+}
+
+/** The foreground's centre of mass in the file's own voxel indices (rounded); null when nothing was segmented. */
+function foregroundCentre(seg) {
+  const [, nx, ny, nz] = seg.hdr.dims;
+  const img = seg.img;
+  let n = 0, si = 0, sj = 0, sk = 0;
+  for (let k = 0, p = 0; k < nz; k++) {
+    for (let j = 0; j < ny; j++) {
+      for (let i = 0; i < nx; i++, p++) {
+        if (img[p] > 0) { n++; si += i; sj += j; sk += k; }
+      }
+    }
+  }
+  return n ? [si, sj, sk].map((s) => Math.round(s / n)) : null;
+}
+
+function voxelToMM(affine, [i, j, k]) {
+  return [0, 1, 2].map((r) => affine[r][0] * i + affine[r][1] * j + affine[r][2] * k + affine[r][3]);
 }
 
 function upload(file) {
