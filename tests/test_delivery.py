@@ -181,6 +181,7 @@ def test_api_image_cmd_serves_with_cloud_run_env(trained_synth: TrainedModel, sy
         K_CONFIGURATION="mlops-segmentation",
         MODEL_URI=f"file://{trained_synth.model_dir}",
         MAX_IN_FLIGHT="2",
+        MONITOR_STORE=f"file://{tmp_path / 'monitoring'}",  # stands in for gs://bucket/monitoring (same fsspec path)
         # Only here: listen on the loopback interface instead of the container's 0.0.0.0.
         MLOPS_HOST="127.0.0.1",
         TMPDIR=str(tmp_path),
@@ -211,3 +212,7 @@ def test_api_image_cmd_serves_with_cloud_run_env(trained_synth: TrainedModel, sy
             proc.terminate()
             proc.wait(timeout=30)
     assert proc.returncode is not None
+    # The request's record (statistics and output signals, never the file name) went to MONITOR_STORE.
+    (record,) = (tmp_path / "monitoring").rglob("*.jsonl")
+    text = record.read_text()
+    assert len(text.splitlines()) == 1 and case.name not in text
