@@ -111,16 +111,18 @@ def test_fp32_torch_gives_nnunet_labels(
     most_tiles = 0
     for name, data, spacing in synth_cases:
         theirs_labels, theirs = expected(name, data, spacing, tta)
-        got = ours.segment(data, spacing, tta=tta)
-        assert got.shape == data.shape and got.dtype == np.uint8
         assert (theirs_labels > 0).any(), f"{name}: the reference segments nothing; the comparison would be empty"
         prepared = ours.prepare(data, spacing)
         tiles, weights = tile_coverage(ours, prepared.data)
         most_tiles = max(most_tiles, tiles)
         if tiles == 1:
+            got = ours.segment(data, spacing, tta=tta)
+            assert got.shape == data.shape and got.dtype == np.uint8
             np.testing.assert_array_equal(got, theirs_labels, err_msg=name)
             continue
-        mine = ours.logits(prepared, tta)
+        mine = ours.logits(prepared, tta)  # segment() is prepare, logits, finish: run once, not twice, on many tiles
+        got = ours.finish(prepared, mine)
+        assert got.shape == data.shape and got.dtype == np.uint8
         well_covered = (weights >= 0.01).expand_as(mine)
         assert well_covered.float().mean() > 0.5, (name, float(well_covered.float().mean()))
         diff = (theirs - mine).abs()[well_covered]
@@ -211,24 +213,24 @@ def test_bf16_refused_without_native_support(exported: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_real_test_scans_parity(trained_real: TrainedModel, hippocampus: Path, tmp_path: Path) -> None:
-    """On the 30 real test scans: torch fp32 gives nnU-Net's labels up to float16 rounding of nnU-Net's own sum;
-    every backend `auto` may pick here keeps per-case Dice >= 0.99 per label and >= 0.995 on average against it."""
+    """On every other real test scan (15 of the 30): torch fp32 gives nnU-Net's labels, up to float16 rounding of
+    nnU-Net's own sum; each other backend `auto` may pick here keeps per-case Dice >= 0.99 per label and >= 0.995 on
+    average against it. (`benchmarks/bench_predict.py` prints every backend's parity on all 30 scans; the test takes
+    half: nnU-Net's own predictor, the reference, costs 3.3 s per scan here.)"""
     model = tmp_path / trained_real.model_dir.name
     shutil.copytree(trained_real.model_dir, model)
     proc = run_mlops("export", "--model", str(model), env=trained_real.workspace.env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = Segmenter(model, backend="nnunet", device="cpu")
     exact = Segmenter(model, backend="torch", precision="fp32", device="cpu")
-    candidates = {
-        f"{s.backend} {s.precision}": s
-        for s in (
-            Segmenter(model, device="cpu"),  # what auto picks here
-            Segmenter(model, backend="openvino", precision="fp32", device="cpu"),
-            Segmenter(model, backend="onnxruntime", precision="fp32", device="cpu"),
-        )
-    }
+    auto = Segmenter(model, device="cpu")  # what auto picks here
+    candidates = {f"{auto.backend} {auto.precision}": auto}
+    for backend in ("openvino", "onnxruntime"):
+        if f"{backend} fp32" not in candidates:
+            candidates[f"{backend} fp32"] = Segmenter(model, backend=backend, precision="fp32", device="cpu")
     cases = load_cases(hippocampus / "imagesTs")
     assert len(cases) == 30
+    cases = cases[::2]
     scores: dict[str, list[float]] = {k: [] for k in candidates}
     segmented = flips = voxels = 0
     for name, data, spacing in cases:
@@ -244,8 +246,8 @@ def test_real_test_scans_parity(trained_real: TrainedModel, hippocampus: Path, t
             per_label = [dice(got, theirs, label) for label in seg.labels if label]
             assert min(per_label) >= 0.99, (name, key, per_label)
             scores[key].extend(per_label)
-    assert segmented >= 25, "the model must segment most scans, or the comparison says little"
+    assert segmented >= 12, "the model must segment most scans, or the comparison says little"
     # How many voxels sit on a float16 near-tie depends on how sure the trained model is (1 to 4 per scan seen).
-    assert flips <= voxels // 10_000, f"{flips} of {voxels} voxels differ from nnU-Net over the 30 scans"
+    assert flips <= voxels // 10_000, f"{flips} of {voxels} voxels differ from nnU-Net over {len(cases)} scans"
     for key, values in scores.items():
-        assert float(np.mean(values)) >= 0.995, (key, float(np.mean(values)))
+        assert len(values) == 2 * len(cases) and float(np.mean(values)) >= 0.995, (key, float(np.mean(values)))
