@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from mlops.palette import colour, palette
+from mlops.preview import centre_of_mass
 
 from .browser import CHROMIUM, Browser
 from .conftest import TrainedModel, run_mlops, wait_ready
@@ -256,6 +257,12 @@ def check_page(url: str, scan: Path, tmp: Path) -> dict:
         }  # fmt: skip
 
 
+def labels_in_slices(seg: np.ndarray, centre: tuple[int, int, int] | list[int]) -> set[int]:
+    """The labels the three axis-aligned planes through voxel ``centre`` cut (what a three-plane view can show)."""
+    ci, cj, ck = centre
+    return set(np.unique(seg[ci])) | set(np.unique(seg[:, cj])) | set(np.unique(seg[:, :, ck]))
+
+
 def predicted(srv: Served, scan: Path) -> tuple[np.ndarray, dict[str, float]]:
     """The API's segmentation of ``scan`` and its label volumes (the header the page reads)."""
     resp = srv.post(scan.name, scan.read_bytes())
@@ -263,17 +270,14 @@ def predicted(srv: Served, scan: Path) -> tuple[np.ndarray, dict[str, float]]:
 
 
 def assert_page(result: dict, seg: np.ndarray, api_volumes: dict[str, float]) -> None:
-    from mlops.preview import centre_of_mass
-
     assert result["legend"] == ["1 Anterior", "2 Posterior"]
     assert result["volumes"] == api_volumes  # the DOM shows the API's numbers
     assert result["shown_ml"] == [f"{v / 1000:.3f}" for v in api_volumes.values()]
     assert result["download"][0].endswith("_seg.nii.gz") and result["download"][1].startswith("blob:")
     # The viewer opens on the segmentation's centre of mass (the preview's choice, to rounding), so its three slices
     # cut the segmentation even when a small structure lies off the volume's middle.
-    ci, cj, ck = result["centre"]
     assert np.abs(np.array(result["centre"]) - np.array(centre_of_mass(seg))).max() <= 1, result["centre"]
-    in_slices = set(np.unique(seg[ci])) | set(np.unique(seg[:, cj])) | set(np.unique(seg[:, :, ck]))
+    in_slices = labels_in_slices(seg, result["centre"])
     counts = overlay_pixels(result["screenshot"], result["canvas"], min_alpha=0.4)
     for label, name in ((1, "Anterior"), (2, "Posterior")):
         if label in in_slices:
@@ -315,8 +319,6 @@ def test_page_and_preview_on_a_real_scan(trained_real: TrainedModel, hippocampus
 
 def check_preview(trained: TrainedModel, scan: Path, tmp: Path) -> None:
     """`mlops predict --preview --json`: the PNG beside the output shows each label where the slices cut it."""
-    from mlops.preview import centre_of_mass
-
     out = tmp / "out" / "case_seg.nii.gz"
     proc = run_mlops(
         "predict", str(scan), "-o", str(out), "--preview", "--json", f"predict.model_dir={trained.model_dir}",
@@ -329,8 +331,7 @@ def check_preview(trained: TrainedModel, scan: Path, tmp: Path) -> None:
     assert row["labels"] == {"0": "background", "1": "Anterior", "2": "Posterior"}
     assert row["model"] == trained.model_dir.name and row["folds"] == ["0"] and row["seconds"] > 0
     seg = np.asanyarray(nib.as_closest_canonical(nib.load(out)).dataobj)
-    ci, cj, ck = centre_of_mass(seg)
-    in_slices = set(np.unique(seg[ci])) | set(np.unique(seg[:, cj])) | set(np.unique(seg[:, :, ck]))
+    in_slices = labels_in_slices(seg, centre_of_mass(seg))
     counts = overlay_pixels(png, tolerance=0)  # opaque overlay, nearest neighbour: exact colours
     for label in (1, 2):
         if label in in_slices:
