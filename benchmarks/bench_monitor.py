@@ -5,7 +5,7 @@ the drift verdict of the inputs (and outputs) against the model's reference prof
 signal's median against the clean scans, and the mean Dice against the reference test labels; then the AUROC of each
 output signal for telling cases with Dice < 0.7 from the rest, over every condition's cases together.
 
-python benchmarks/bench_monitor.py --model MODEL_FOLDER [--task TASK] [--labels LABELS] [--no-tta]
+python benchmarks/bench_monitor.py --model MODEL_FOLDER [--task TASK] [--labels LABELS] [--no-tta] [--backend B]
 
 MODEL_FOLDER needs a reference profile (`mlops monitor profile`); Task and labels default to ../shared/data.
 """
@@ -110,8 +110,9 @@ def main() -> None:
     parser.add_argument("--task", type=Path, default=SHARED / "Task04_Hippocampus")
     parser.add_argument("--labels", type=Path, default=SHARED / "Task04_Hippocampus_labelsTs")
     parser.add_argument("--no-tta", action="store_true")
+    parser.add_argument("--backend", default="auto", help="predict.backend (auto: what `mlops predict` would use)")
     args = parser.parse_args()
-    seg = Segmenter(args.model, tta=not args.no_tta, backend="torch")
+    seg = Segmenter(args.model, tta=not args.no_tta, backend=args.backend)
     profile = read_profile(args.model, seg.folds)
     reference = profile_reference(profile)
     fg = [v for v in seg.labels if v != 0]
@@ -149,7 +150,7 @@ def main() -> None:
     cols = ["confidence_foreground", "entropy_foreground", "agreement_dice_mean"]
     out.write(f"model {profile['model']} ({profile['model_key']}), {len(test)} test scans, "
               f"reference {len(profile['reference'])} training + {len(profile['validation'])} validation cases, "
-              f"TTA {'off' if args.no_tta else 'on'}\n")  # fmt: skip
+              f"TTA {'off' if args.no_tta else 'on'}, {seg.backend} {seg.precision}\n")  # fmt: skip
     out.write("| condition | verdict | drifted statistics | " + " | ".join(f"{c} (vs clean)" for c in cols)
               + " | mean Dice | Dice drop | s |\n|" + "---|" * (6 + len(cols)) + "\n")  # fmt: skip
     clean_dice = float(np.mean(results["clean"][2]))

@@ -56,6 +56,7 @@ def worker(spec: dict) -> dict:
     cases = [(Path(p).name, nib.load(p)) for p in spec["cases"]]
     arrays = [(n, np.asanyarray(img.dataobj), tuple(float(z) for z in img.header.get_zooms()[:3])) for n, img in cases]
     t0 = time.perf_counter()
+    chosen = "nnunet fp32"
     if spec["kind"] == "floor":
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -89,6 +90,7 @@ def worker(spec: dict) -> dict:
             )
         except MlopsError as exc:
             return {"refused": str(exc).split(": ", 1)[-1]}
+        chosen = f"{seg.backend} {seg.precision}"
 
         def segment(data: np.ndarray, spacing: tuple[float, ...]) -> object:
             return seg.segment(data, spacing)
@@ -111,7 +113,8 @@ def worker(spec: dict) -> dict:
             labels, probs = probabilities(data, spacing)
             out[f"{name}/labels"], out[f"{name}/probs"] = np.asarray(labels), np.asarray(probs, np.float32)
         np.savez(spec["save"], **out)
-    return {"load_s": load_s, "latencies": latencies, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"load_s": load_s, "latencies": latencies, "peak_rss": peak, "chosen": chosen}
 
 
 def run_worker(spec: dict, tmp: Path) -> dict:
@@ -214,6 +217,8 @@ def main() -> None:
     parser.add_argument("--big-repeats", type=int, default=2)
     parser.add_argument("--max-batch", type=int, help="patches per forward pass of ours (default: predict.max_batch)")
     parser.add_argument("--per-case-runs", type=int, default=5, help="cases run through nnUNetv2_predict one by one")
+    parser.add_argument("--mirroring", choices=["both", "on", "off"], default="both", help="rows with mirroring on/off")
+    parser.add_argument("--combos", help="ours to measure, e.g. openvino:bf16,torch:fp32 (default: all, then auto)")
     args = parser.parse_args()
     if args.worker:
         sys.stdout.write(json.dumps(worker(json.loads(args.worker.read_text()))) + "\n")
@@ -237,7 +242,8 @@ def main() -> None:
         if done.returncode != 0:
             raise SystemExit(done.stderr[-2000:])
         labels = [int(k) for k in json.loads((model / "dataset.json").read_text())["labels"].values() if int(k)]
-        rows = [row for tta in (True, False) for row in measure_rows(args, model, cases, big, tta, tmp, env)]
+        settings = {"both": (True, False), "on": (True,), "off": (False,)}[args.mirroring]
+        rows = [row for tta in settings for row in measure_rows(args, model, cases, big, tta, tmp, env)]
         inputs = as_nnunet_inputs(cases, tmp / "folder")
         theirs = timed_tree(nnunet_cmd(inputs, tmp / "folder_nnunet", model, args.checkpoint, True), env)
         mine = [str(BIN / "mlops"), "predict", str(inputs), "-o", str(tmp / "folder_ours"), "--model", str(model),
@@ -246,7 +252,7 @@ def main() -> None:
         w = sys.stdout.write
         w(f"\nParity against nnU-Net's predictor, mirroring on (per-case Dice of labels {labels}):\n")
         w(f"{'':<30}{'min Dice':>10}{'mean Dice':>11}{'voxels differ':>15}{'max |dp|':>10}\n")
-        for backend, precision in OURS:
+        for backend, precision in ours(args):
             path = tmp / f"{backend}_{precision}.npz"
             if path.is_file():
                 p = parity(tmp / "nnunet_fp32.npz", path, labels)
@@ -261,7 +267,7 @@ def measure_rows(
 ) -> list[tuple[str, bool, dict, dict]]:
     """(name, mirroring, figures on the cases, on the big case) for the floor, each of ours, nnUNetv2_predict."""
     rows = []
-    for kind, backend, precision in [("floor", "nnunet", "fp32"), *(("ours", b, p) for b, p in OURS)]:
+    for kind, backend, precision in [("floor", "nnunet", "fp32"), *(("ours", b, p) for b, p in ours(args))]:
         spec = {"kind": kind, "backend": backend, "precision": precision, "tta": tta, "model": str(model),
                 "checkpoint": args.checkpoint, "max_batch": args.max_batch}  # fmt: skip
         save = str(tmp / f"{backend}_{precision}.npz") if tta else None
@@ -270,6 +276,8 @@ def measure_rows(
         if "refused" not in small:
             large = run_worker({**spec, "cases": [str(big)], "repeats": args.big_repeats}, tmp)
         name = "nnU-Net predictor (floor)" if kind == "floor" else f"ours {backend} {precision}"
+        if backend == "auto":
+            name = f"ours auto = {small.get('chosen', '?')}"
         rows.append((name, tta, small, large))
         sys.stderr.write(f"measured {name}, mirroring {'on' if tta else 'off'}\n")
     runs = []
@@ -284,6 +292,13 @@ def measure_rows(
     return rows
 
 
+def ours(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Our combinations to measure: --combos, else every one, then `auto` (what this model's parity check picks)."""
+    if args.combos:
+        return [tuple(c.split(":", 1)) for c in args.combos.split(",")]  # type: ignore[misc]
+    return [*OURS, ("auto", "auto")]
+
+
 def median(figures: dict) -> float:
     """p50 over every latency a worker recorded (nan when the row was not run)."""
     return pct([t for v in figures["latencies"].values() for t in v], 50) if figures else float("nan")
@@ -293,7 +308,8 @@ def report(rows: list, big: Path, cases: list[Path], folder: Path, folder_run: t
     w = sys.stdout.write
     floor = {tta: (median(small), median(large)) for name, tta, small, large in rows if name.endswith("(floor)")}
     w(f"{len(cases)} cases from {folder}; many-tile case {big.name}; {os.cpu_count()} CPU cores; model fold 0\n")
-    w(f"{'':<40}{'mirror':>7}{'p50 s':>8}{'p95 s':>8}{'x floor':>8}{'big s':>8}{'x floor':>8}{'peak MiB':>9}\n")
+    w(f"{'':<40}{'mirror':>7}{'p50 s':>8}{'p95 s':>8}{'x floor':>8}{'peak MiB':>9}"
+      f"{'big s':>8}{'x floor':>8}{'big MiB':>9}\n")  # fmt: skip
     for name, tta, small, large in rows:
         if "refused" in small:
             w(f"{name:<40}{'on' if tta else 'off':>7}  refused: {small['refused']}\n")
@@ -301,9 +317,9 @@ def report(rows: list, big: Path, cases: list[Path], folder: Path, folder_run: t
         lat = [t for v in small["latencies"].values() for t in v]
         small_floor, big_floor = floor[tta]
         p50, big_s = pct(lat, 50), median(large)
-        rss = max(small["peak_rss"], large.get("peak_rss", 0)) / 1024
-        w(f"{name:<40}{'on' if tta else 'off':>7}{p50:>8.3f}{pct(lat, 95):>8.3f}{p50 / small_floor:>8.2f}"
-          f"{big_s:>8.1f}{big_s / big_floor:>8.2f}{rss:>9.0f}\n")  # fmt: skip
+        rss, big_rss = small["peak_rss"] / 1024, large.get("peak_rss", float("nan")) / 1024
+        w(f"{name:<40}{'on' if tta else 'off':>7}{p50:>8.3f}{pct(lat, 95):>8.3f}{p50 / small_floor:>8.2f}{rss:>9.0f}"
+          f"{big_s:>8.1f}{big_s / big_floor:>8.2f}{big_rss:>9.0f}\n")  # fmt: skip
     theirs_s, theirs_rss, ours_s, ours_rss = folder_run
     w(f"\nFolder of {len(cases)} cases, mirroring on, wall time and peak RSS of the process tree:\n")
     w(f"  nnUNetv2_predict_from_modelfolder -i folder  {theirs_s:7.1f} s  {theirs_rss / 2**20:7.0f} MiB\n")

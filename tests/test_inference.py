@@ -16,12 +16,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from loguru import logger
 from scipy import ndimage
 
 from mlops import nnunet
 from mlops.errors import Cancelled, PipelineError
 from mlops.inference import Segmenter
 from mlops.inference.backends import cpu_has_bf16, openvino_has_bf16
+from mlops.inference.check import CHECK_NAME
 
 from .conftest import TrainedModel, run_mlops
 
@@ -151,13 +153,90 @@ def test_exported_backends_agree_with_nnunet(
             assert (got != theirs).mean() < 1e-4, (name, backend, int((got != theirs).sum()))
 
 
-def test_auto_picks_openvino_fp32_when_exported(exported: Path, trained_synth: TrainedModel) -> None:
-    assert (Segmenter(exported, device="cpu").backend, Segmenter(exported, device="cpu").precision) == (
-        "openvino",
-        "fp32",
+def test_export_checks_every_combination_against_nnunet(exported: Path) -> None:
+    """`mlops export` ran the parity check on the fold's validation cases: every combination this CPU runs natively,
+    scored against nnU-Net's own predictor and timed, in the model folder under the checkpoint's hash."""
+    from mlops.inference.export import weights_sha256
+
+    (entry,) = json.loads((exported / CHECK_NAME).read_text())["checks"]
+    assert entry["weights_sha256"] == weights_sha256([exported / "fold_0" / "checkpoint_final.pth"])
+    assert 1 <= len(entry["cases"]) <= 4 and entry["tta"] is True and entry["nnunet_seconds_per_case"] > 0
+    combos = {(r["backend"], r["precision"]): r for r in entry["results"]}
+    expected_combos = {("torch", "fp32"), ("openvino", "fp32"), ("onnxruntime", "fp32")}
+    expected_combos |= {("torch", "bf16")} if cpu_has_bf16() else set()
+    expected_combos |= {("openvino", "bf16")} if openvino_has_bf16() else set()
+    assert set(combos) == expected_combos
+    for key in (("torch", "fp32"), ("openvino", "fp32"), ("onnxruntime", "fp32")):
+        r = combos[key]  # fp32 gives nnU-Net's labels on the synthetic cases (test_fp32_torch_gives_nnunet_labels)
+        assert r["passed"] and r["min_dice"] >= 0.99 and r["mean_dice"] >= 0.995 and r["seconds_per_case"] > 0, r
+        assert r["speed_vs_nnunet"] == pytest.approx(r["seconds_per_case"] / entry["nnunet_seconds_per_case"], 0.01)
+
+
+def with_check(model: Path, tmp_path: Path, edit: Callable[[list[dict]], None]) -> Path:
+    """A copy of ``model`` whose parity check's results were edited by ``edit`` (to choose between on purpose)."""
+    copy = tmp_path / model.name
+    shutil.copytree(model, copy)
+    data = json.loads((copy / CHECK_NAME).read_text())
+    edit(data["checks"][0]["results"])
+    (copy / CHECK_NAME).write_text(json.dumps(data))
+    return copy
+
+
+def test_auto_picks_the_fastest_combination_that_passed(
+    exported: Path, trained_synth: TrainedModel, tmp_path: Path
+) -> None:
+    def auto(model: Path) -> tuple[str, str]:
+        seg = Segmenter(model, device="cpu")
+        return seg.backend, seg.precision
+
+    def times(order: list[tuple[str, str]], failed: tuple[str, str] | None = None) -> Callable[[list[dict]], None]:
+        def edit(results: list[dict]) -> None:
+            for r in results:
+                key = (r["backend"], r["precision"])
+                r["seconds_per_case"] = order.index(key) + 1.0 if key in order else 99.0
+                r["passed"] = key != failed
+
+        return edit
+
+    ort, ov, tfp = ("onnxruntime", "fp32"), ("openvino", "fp32"), ("torch", "fp32")
+    assert auto(with_check(exported, tmp_path / "a", times([ort, ov, tfp]))) == ort
+    assert auto(with_check(exported, tmp_path / "b", times([ort, ov, tfp], failed=ort))) == ov  # never unchecked
+    # An explicit backend with `auto` precision takes that backend's fastest passed precision.
+    seg = Segmenter(
+        with_check(exported, tmp_path / "c", times([ort, ("torch", "bf16"), tfp])), backend="torch", device="cpu"
     )
-    plain = Segmenter(trained_synth.model_dir, device="cpu")
-    assert (plain.backend, plain.precision) == ("torch", "fp32")
+    assert (seg.backend, seg.precision) == ("torch", "bf16" if cpu_has_bf16() else "fp32")
+    if cpu_has_bf16() and openvino_has_bf16():
+        ovb = ("openvino", "bf16")
+        assert auto(with_check(exported, tmp_path / "d", times([ovb, ov]))) == ovb
+        assert auto(with_check(exported, tmp_path / "e", times([ovb, ov], failed=ovb))) == ov
+    # A check made with other weights (a retrained checkpoint) is not this model's: fp32 OpenVINO, as unchecked.
+    stale = with_check(exported, tmp_path / "f", times([ort, ov, tfp]))
+    data = json.loads((stale / CHECK_NAME).read_text())
+    data["checks"][0]["weights_sha256"] = "0" * 64
+    (stale / CHECK_NAME).write_text(json.dumps(data))
+    assert auto(stale) == ov
+    unchecked = tmp_path / "g" / exported.name
+    shutil.copytree(exported, unchecked)
+    (unchecked / CHECK_NAME).unlink()
+    assert auto(unchecked) == ov
+    assert auto(trained_synth.model_dir) == tfp  # no export: PyTorch
+
+
+def test_a_combination_that_failed_the_check_warns_when_asked_for(exported: Path, tmp_path: Path) -> None:
+    def fail_onnx(results: list[dict]) -> None:
+        for r in results:
+            r["passed"] = r["backend"] != "onnxruntime"
+
+    model = with_check(exported, tmp_path, fail_onnx)
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        seg = Segmenter(model, backend="onnxruntime", precision="fp32", device="cpu")
+    finally:
+        logger.remove(sink)
+    assert seg.backend == "onnxruntime"
+    assert any("did not pass this model's parity check" in m for m in messages), messages
 
 
 def test_missing_and_stale_exports_are_explained(

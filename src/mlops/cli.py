@@ -8,6 +8,7 @@ errors (exit code 2). Results go to stdout, logs to stderr.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -563,22 +564,54 @@ def export(
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds (default: every trained fold)."),
     formats: str = typer.Option("onnx,openvino", "--formats", help="Comma-separated: onnx, openvino."),
+    check_cases: int = typer.Option(
+        4, "--check-cases", help="Cases for the parity check that lets `auto` pick a faster combination (0: none)."
+    ),
+    check_images: Path = typer.Option(
+        None, "--check-images", help="Folder of images for the check (default: the fold's validation cases)."
+    ),
 ) -> None:
-    """Write the trained network as ONNX and OpenVINO IR beside each fold's checkpoint (faster CPU inference)."""
+    """Write the trained network as ONNX and OpenVINO IR beside each fold's checkpoint (faster CPU inference), then
+    check every backend x precision this CPU runs against nnU-Net's own predictor on a few cases."""
+    from mlops.inference.check import check_images as find_images
+    from mlops.inference.check import load_check_cases, run_check
     from mlops.inference.export import export_model
     from mlops.predict import model_dir, parse_folds
 
     _, overrides = split_args(args, max_positional=0)
     cfg = compose(with_dataset(overrides, dataset))
     chosen = parse_folds(folds) if folds else None
-    exported = export_model(
-        model_dir(cfg, model), chosen, str(cfg.predict.checkpoint), tuple(f.strip() for f in formats.split(","))
-    )
+    folder = model_dir(cfg, model)
+    exported = export_model(folder, chosen, str(cfg.predict.checkpoint), tuple(f.strip() for f in formats.split(",")))
     table = Table(title="Exported", title_justify="left")
     for col in ("fold", "folder", "files", "s"):
         table.add_column(col, overflow="fold")
     for e in exported:
         table.add_row(str(e.fold), str(e.folder), ", ".join(f.name for f in e.files), f"{e.seconds:.1f}")
+    out.print(table)
+    if check_cases <= 0:
+        logger.info("No parity check (--check-cases 0): `auto` stays at fp32")
+        return
+    fold_list = [e.fold for e in exported]
+    images = find_images(cfg, folder, fold_list[0], check_cases, check_images)
+    if not images:
+        logger.warning("No parity check: `auto` stays at fp32 (give images with --check-images)")
+        return
+    p = cfg.predict
+    channels = len(json.loads((folder / "dataset.json").read_text())["channel_names"])
+    entry = run_check(folder, fold_list, str(p.checkpoint), load_check_cases(images, channels), tta=bool(p.tta),
+                      tile_step_size=float(p.tile_step_size))  # fmt: skip
+    table = Table(
+        title=f"Parity against nnU-Net's predictor ({len(images)} case(s), {entry['nnunet_seconds_per_case']:.2f} "
+        f"s/case, mirroring {'on' if entry['tta'] else 'off'}, {entry['cpu']})",
+        title_justify="left",
+    )
+    for col in ("backend", "precision", "s/case", "x nnU-Net", "min Dice", "mean Dice", "max voxels differ", "passed"):
+        table.add_column(col)
+    for r in entry["results"]:
+        table.add_row(r["backend"], r["precision"], f"{r['seconds_per_case']:.2f}", f"{r['speed_vs_nnunet']:.2f}",
+                      f"{r['min_dice']:.4f}", f"{r['mean_dice']:.4f}", str(r["max_voxels_differ"]),
+                      "yes" if r["passed"] else "[red]no[/]")  # fmt: skip
     out.print(table)
 
 

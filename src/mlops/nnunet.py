@@ -513,7 +513,7 @@ class TrainedNetwork:
     model_dir: Path
     folds: list[int | str]
     checkpoint: str
-    network: torch.nn.Module  # fp32, eval mode, on the CPU, first fold's weights loaded
+    network: torch.nn.Module | None  # fp32, eval mode, on the CPU, first fold's weights; None once released
     fold_weights: list[dict]
     patch_size: tuple[int, ...]
     mirror_axes: tuple[int, ...]  # spatial axes nnU-Net mirrors at inference (0-based)
@@ -530,6 +530,12 @@ class TrainedNetwork:
 
     def checkpoint_files(self) -> list[Path]:
         return [self.model_dir / f"fold_{f}" / self.checkpoint for f in self.folds]
+
+    def release_weights(self) -> None:
+        """Drop the loader's network and weights once the engine's runners hold their own copies (a compiled
+        OpenVINO/ONNX graph, or one PyTorch network per fold): two copies of the weights fewer in memory."""
+        self.network = None
+        self.fold_weights = []
 
 
 def load_trained_network(model_dir: Path, folds: list[int | str] | None, checkpoint: str) -> TrainedNetwork:

@@ -45,18 +45,42 @@ def openvino_has_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def choose(backend: str, precision: str, device: torch.device, exported: set[str]) -> Choice:
+def native_bf16(backend: str) -> bool:
+    return openvino_has_bf16() if backend == "openvino" else cpu_has_bf16()
+
+
+EXPORT_FORMAT = {"openvino": "openvino", "onnxruntime": "onnx"}
+
+
+def choose(
+    backend: str, precision: str, device: torch.device, exported: set[str], passed: list[dict] | None = None
+) -> Choice:
     """Resolve ``auto`` for backend and precision; refuse combinations a backend cannot run.
 
-    On the CPU ``auto`` is fp32: OpenVINO when an export is there (the fastest combination measured on the reference
-    2-core CPU by benchmarks/bench_predict.py, with nnU-Net's labels), else PyTorch. bf16 is never picked on its own:
-    it is refused where the CPU would only emulate it. On CUDA ``auto`` is PyTorch with fp16 autocast, the precision
-    nnU-Net's own predictor uses there.
+    On the CPU, with a parity check of these weights (``passed``: the combinations that passed it, fastest first,
+    from :mod:`mlops.inference.check`), ``auto`` is the fastest passed combination this CPU can run now (its export
+    present, bf16 only with native instructions). Without a check, ``auto`` is fp32: OpenVINO when an export is there
+    (the fastest fp32 combination measured on the reference 2-core CPU by benchmarks/bench_predict.py), else PyTorch;
+    bf16 is never picked unchecked. On CUDA ``auto`` is PyTorch with fp16 autocast, the precision nnU-Net's own
+    predictor uses there.
     """
     if backend not in BACKENDS:
         raise PipelineError(f"predict.backend={backend!r}: choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise PipelineError(f"predict.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if device.type == "cpu" and passed and "auto" in (backend, precision) and backend != "nnunet":
+        for r in passed:
+            b, p = str(r["backend"]), str(r["precision"])
+            if backend not in ("auto", b) or precision not in ("auto", p):
+                continue
+            if b in EXPORT_FORMAT and EXPORT_FORMAT[b] not in exported:
+                continue
+            if p == "bf16" and not native_bf16(b):
+                continue
+            logger.info(f"Inference: {b} {p}, the fastest combination that passed this model's parity check "
+                        f"({float(r['speed_vs_nnunet']):.2f}x nnU-Net's time per case when checked)")  # fmt: skip
+            backend, precision = b, p
+            break
     if backend == "auto":
         if device.type == "cpu" and "openvino" in exported:
             backend = "openvino"
@@ -76,13 +100,11 @@ def choose(backend: str, precision: str, device: torch.device, exported: set[str
         raise PipelineError("predict.backend=nnunet uses nnU-Net's own precision; leave predict.precision at fp32/auto")
     if backend == "torch" and device.type == "cpu" and precision == "fp16":
         raise PipelineError("predict.precision=fp16 needs a CUDA GPU; on CPU choose fp32 or bf16")
-    if precision == "bf16" and device.type == "cpu":
-        native = openvino_has_bf16() if backend == "openvino" else cpu_has_bf16()
-        if not native:
-            raise PipelineError(
-                f"predict.precision=bf16: this CPU has no native bf16 instructions (AVX512-BF16/AMX) for {backend}; "
-                "it would be emulated, hundreds of times slower than fp32. Use predict.precision=fp32"
-            )
+    if precision == "bf16" and device.type == "cpu" and not native_bf16(backend):
+        raise PipelineError(
+            f"predict.precision=bf16: this CPU has no native bf16 instructions (AVX512-BF16/AMX) for {backend}; "
+            "it would be emulated, hundreds of times slower than fp32. Use predict.precision=fp32"
+        )
     return Choice(backend, precision)
 
 

@@ -11,6 +11,7 @@ ONNX graph by the OpenVINO runtime (``read_model`` + ``save_model``), which send
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -37,8 +38,16 @@ class ExportedFold:
 
 
 def sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered while its size and modification time stay (a checkpoint is hashed by the export
+    stamp, the parity check and the batch records of one load)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

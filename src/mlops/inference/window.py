@@ -37,7 +37,8 @@ def sliding_window_logits(
     members: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits (k, z, y, x) of ``data`` (c, z, y, x): the mean over ``runners`` (folds) of the Gaussian-weighted,
-    mirror-averaged tile predictions. ``max_batch`` bounds the tiles x mirrors of one forward pass.
+    mirror-averaged tile predictions. ``max_batch`` bounds the tiles x mirrors of one forward pass (the activations of
+    every item of a pass are held at once: on the CPU they, not the speed, grow with the batch).
 
     ``members``: when a list is given, the argmax labels (z, y, x, uint8) of each ensemble member are appended to it,
     for the disagreement signal of :mod:`mlops.monitoring`: one per fold with several folds, else one per mirrored
@@ -69,7 +70,8 @@ def sliding_window_logits(
             batch = torch.stack(
                 [torch.flip(p, [a - 1 for a in axes]) if axes else p for p in patches for axes in combos]
             )
-            out = run(batch)
+            # A forward pass holds its activations for every item: at most max_batch items per pass bounds memory.
+            out = torch.cat([run(batch[i : i + max_batch]) for i in range(0, len(batch), max_batch)])
             for t, sl in enumerate(chunk):
                 group = out[t * len(combos) : (t + 1) * len(combos)]
                 pred = group[0].clone()
