@@ -172,6 +172,26 @@ def test_export_checks_every_combination_against_nnunet(exported: Path) -> None:
         assert r["speed_vs_nnunet"] == pytest.approx(r["seconds_per_case"] / entry["nnunet_seconds_per_case"], 0.01)
 
 
+def test_check_images_and_a_bad_folder(exported: Path, trained_synth: TrainedModel, tmp_path: Path) -> None:
+    """--check-images takes one file per case (nnU-Net's case_0000 when channels are split), spread evenly; a path
+    that is no folder fails before anything is exported, naming it (the export and its check stay as they were)."""
+    from mlops.inference.check import check_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(10):
+        for c in range(2):
+            (folder / f"case_{i:03d}_{c:04d}.nii.gz").touch()
+    (folder / "notes.txt").touch()
+    picked = check_images(None, exported, 0, 4, folder)
+    assert [p.name for p in picked] == [f"case_{i:03d}_0000.nii.gz" for i in (0, 2, 5, 7)]
+    before = {p: p.stat().st_mtime_ns for p in (exported / "fold_0" / "export").iterdir()}
+    proc = run_mlops("export", "--model", str(exported), "--check-images", str(tmp_path / "missing"),
+                     env=trained_synth.workspace.env())  # fmt: skip
+    assert proc.returncode == 1 and f"{tmp_path / 'missing'}: not a folder" in proc.stderr, proc.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (exported / "fold_0" / "export").iterdir()} == before
+
+
 def with_check(model: Path, tmp_path: Path, edit: Callable[[list[dict]], None]) -> Path:
     """A copy of ``model`` whose parity check's results were edited by ``edit`` (to choose between on purpose)."""
     copy = tmp_path / model.name

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from mlops import __version__
 from mlops.config import load_config
-from mlops.errors import ConfigError, MlopsError
+from mlops.errors import ConfigError, DatasetError, MlopsError
 from mlops.interrupts import sigterm_as_interrupt
 from mlops.logs import intercept_stdlib_logging, setup_logging
 from mlops.nnunet import TrainingInterrupted
@@ -565,7 +565,7 @@ def export(
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds (default: every trained fold)."),
     formats: str = typer.Option("onnx,openvino", "--formats", help="Comma-separated: onnx, openvino."),
     check_cases: int = typer.Option(
-        4, "--check-cases", help="Cases for the parity check that lets `auto` pick a faster combination (0: none)."
+        4, "--check-cases", min=0, help="Cases for the parity check that lets `auto` pick a faster path (0: none)."
     ),
     check_images: Path = typer.Option(
         None, "--check-images", help="Folder of images for the check (default: the fold's validation cases)."
@@ -582,6 +582,8 @@ def export(
     cfg = compose(with_dataset(overrides, dataset))
     chosen = parse_folds(folds) if folds else None
     folder = model_dir(cfg, model)
+    if check_images is not None and check_cases and not check_images.is_dir():
+        raise DatasetError(f"{check_images}: not a folder of images for the parity check (--check-images)")
     exported = export_model(folder, chosen, str(cfg.predict.checkpoint), tuple(f.strip() for f in formats.split(",")))
     table = Table(title="Exported", title_justify="left")
     for col in ("fold", "folder", "files", "s"):

@@ -86,9 +86,12 @@ def run_check(
 
     Each case is preprocessed once; every combination (nnU-Net's predictor first, the reference) runs the network and
     nnU-Net's export on it. One untimed warm-up pass per combination (OpenVINO compiles on first use)."""
+    from mlops.errors import PipelineError
     from mlops.inference.export import export_status
     from mlops.inference.segmenter import Segmenter
 
+    if not cases:
+        raise PipelineError(f"{model_dir}: no cases for the parity check")
     reference = Segmenter(model_dir, folds, checkpoint, device="cpu", tta=tta, tile_step_size=tile_step_size,
                           backend="nnunet")  # fmt: skip
     checkpoints = reference.model.checkpoint_files()
