@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="checkpoint_final.pth")
     parser.add_argument("--cases", type=Path, help="folder of .nii.gz cases (default: the real Task04 test scans)")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the cases per row")
-    parser.add_argument("--big-repeats", type=int, default=2)
+    parser.add_argument("--big-repeats", type=int, default=2, help="passes over the many-tile case (0: leave it out)")
     parser.add_argument("--max-batch", type=int, help="patches per forward pass of ours (default: predict.max_batch)")
     parser.add_argument("--per-case-runs", type=int, default=5, help="cases run through nnUNetv2_predict one by one")
     parser.add_argument("--mirroring", choices=["both", "on", "off"], default="both", help="rows with mirroring on/off")
@@ -273,7 +273,7 @@ def measure_rows(
         save = str(tmp / f"{backend}_{precision}.npz") if tta else None
         small = run_worker({**spec, "cases": [str(c) for c in cases], "repeats": args.repeats, "save": save}, tmp)
         large = {}
-        if "refused" not in small:
+        if "refused" not in small and args.big_repeats > 0:
             large = run_worker({**spec, "cases": [str(big)], "repeats": args.big_repeats}, tmp)
         name = "nnU-Net predictor (floor)" if kind == "floor" else f"ours {backend} {precision}"
         if backend == "auto":
