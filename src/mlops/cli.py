@@ -22,7 +22,7 @@ from rich.table import Table
 
 from mlops import __version__
 from mlops.config import load_config
-from mlops.errors import ConfigError, DatasetError, MlopsError
+from mlops.errors import ConfigError, MlopsError
 from mlops.interrupts import sigterm_as_interrupt
 from mlops.logs import intercept_stdlib_logging, setup_logging
 from mlops.nnunet import TrainingInterrupted
@@ -576,14 +576,16 @@ def export(
     from mlops.inference.check import check_images as find_images
     from mlops.inference.check import load_check_cases, run_check
     from mlops.inference.export import export_model
+    from mlops.nnunet import available_folds
     from mlops.predict import model_dir, parse_folds
 
     _, overrides = split_args(args, max_positional=0)
     cfg = compose(with_dataset(overrides, dataset))
     chosen = parse_folds(folds) if folds else None
     folder = model_dir(cfg, model)
-    if check_images is not None and check_cases and not check_images.is_dir():
-        raise DatasetError(f"{check_images}: not a folder of images for the parity check (--check-images)")
+    fold_list = chosen or available_folds(folder, str(cfg.predict.checkpoint))
+    # Resolved before exporting, so a bad --check-images fails with nothing written.
+    images = find_images(cfg, folder, fold_list[0], check_cases, check_images) if check_cases and fold_list else []
     exported = export_model(folder, chosen, str(cfg.predict.checkpoint), tuple(f.strip() for f in formats.split(",")))
     table = Table(title="Exported", title_justify="left")
     for col in ("fold", "folder", "files", "s"):
@@ -595,7 +597,6 @@ def export(
         logger.info("No parity check (--check-cases 0): `auto` stays at fp32")
         return
     fold_list = [e.fold for e in exported]
-    images = find_images(cfg, folder, fold_list[0], check_cases, check_images)
     if not images:
         logger.warning("No parity check: `auto` stays at fp32 (give images with --check-images)")
         return

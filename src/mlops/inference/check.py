@@ -56,16 +56,10 @@ def cpu_name() -> str:
 
 def candidates(exported: set[str]) -> list[backends.Choice]:
     """Every combination this CPU runs natively with the exports at hand; bf16 only with native instructions."""
-    combos = [backends.Choice("torch", "fp32")]
-    if "openvino" in exported:
-        combos.append(backends.Choice("openvino", "fp32"))
-    if "onnx" in exported:
-        combos.append(backends.Choice("onnxruntime", "fp32"))
-    if backends.cpu_has_bf16():
-        combos.append(backends.Choice("torch", "bf16"))
-    if "openvino" in exported and backends.openvino_has_bf16():
-        combos.append(backends.Choice("openvino", "bf16"))
-    return combos
+    runnable = ["torch", *(b for b in ("openvino", "onnxruntime") if backends.EXPORT_FORMAT[b] in exported)]
+    return [backends.Choice(b, "fp32") for b in runnable] + [
+        backends.Choice(b, "bf16") for b in runnable if b != "onnxruntime" and backends.native_bf16(b)
+    ]
 
 
 def _dice(a: np.ndarray, b: np.ndarray, label: int) -> tuple[float, int]:
