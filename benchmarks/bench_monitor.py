@@ -6,6 +6,7 @@ signal's median against the clean scans, and the mean Dice against the reference
 output signal for telling cases with Dice < 0.7 from the rest, over every condition's cases together.
 
 python benchmarks/bench_monitor.py --model MODEL_FOLDER [--task TASK] [--labels LABELS] [--no-tta] [--backend B]
+    [OVERRIDES: monitor.min_shift_sd=0 ...]
 
 MODEL_FOLDER needs a reference profile (`mlops monitor profile`); Task and labels default to ../shared/data.
 """
@@ -21,9 +22,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from mlops.config import load_config
 from mlops.drift import profile_reference, task_images
 from mlops.inference import Segmenter
-from mlops.monitoring.compare import compare
+from mlops.monitoring.compare import ColumnDrift, DriftSummary, compare, thresholds
 from mlops.monitoring.profile import read_profile
 from mlops.monitoring.signals import SIGNAL_COLUMNS, observe
 from mlops.monitoring.stats import normalised_stats, orientation, raw_stats
@@ -104,6 +106,17 @@ def auroc(scores: list[float], positive: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
+def named(summary: DriftSummary, columns: list[str]) -> str:
+    """'2: norm_noise (3.1), spacing_z (const. ref.)': each statistic with its shift in reference SD."""
+    by_name = {c.column: c for c in summary.columns}
+
+    def size(c: ColumnDrift) -> str:
+        return "unseen code" if c.test != "K-S" else "const. ref." if c.shift_sd is None else f"{c.shift_sd:.3g}"
+
+    shown = [f"{c} ({size(by_name[c])})" for c in columns[:5]]
+    return f"{len(columns)}: " + ", ".join(shown) + (" ..." if len(columns) > 5 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path)
@@ -111,6 +124,7 @@ def main() -> None:
     parser.add_argument("--labels", type=Path, default=SHARED / "Task04_Hippocampus_labelsTs")
     parser.add_argument("--no-tta", action="store_true")
     parser.add_argument("--backend", default="auto", help="predict.backend (auto: what `mlops predict` would use)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the verdict, e.g. monitor.min_shift_sd=0")
     args = parser.parse_args()
     seg = Segmenter(args.model, tta=not args.no_tta, backend=args.backend)
     profile = read_profile(args.model, seg.folds)
@@ -124,6 +138,7 @@ def main() -> None:
         lab = nib.load(args.labels / path.name)
         clean_cases.append((np.asanyarray(img.dataobj).astype(np.float32), np.asanyarray(lab.dataobj).astype(np.uint8),
                             img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])))  # fmt: skip
+    settings = thresholds(load_config(args.overrides))  # the verdict `mlops drift` would give
     results, pooled = {}, []
     for name, corrupt in CONDITIONS.items():
         t0 = time.perf_counter()
@@ -138,7 +153,7 @@ def main() -> None:
             rows.append({**row, **signals})
             dices.append(d)
             pooled.append((signals, d))
-        summary = compare(reference, rows, model=profile["model"])
+        summary = compare(reference, rows, model=profile["model"], **settings)
         results[name] = (summary, rows, dices, time.perf_counter() - t0)
     clean_rows = results["clean"][1]
 
@@ -151,16 +166,17 @@ def main() -> None:
     out.write(f"model {profile['model']} ({profile['model_key']}), {len(test)} test scans, "
               f"reference {len(profile['reference'])} training + {len(profile['validation'])} validation cases, "
               f"TTA {'off' if args.no_tta else 'on'}, {seg.backend} {seg.precision}\n")  # fmt: skip
-    out.write("| condition | verdict | drifted statistics | " + " | ".join(f"{c} (vs clean)" for c in cols)
-              + " | mean Dice | Dice drop | s |\n|" + "---|" * (6 + len(cols)) + "\n")  # fmt: skip
+    out.write("| condition | verdict | drifted statistics (shift in reference SD) | small shifts | "
+              + " | ".join(f"{c} (vs clean)" for c in cols)
+              + " | mean Dice | Dice drop | s |\n|" + "---|" * (7 + len(cols)) + "\n")  # fmt: skip
     clean_dice = float(np.mean(results["clean"][2]))
     for name, (summary, rows, dices, seconds) in results.items():
         changes = []
         for c in cols:
             cur, ref = median(rows, c), median(clean_rows, c)
             changes.append(f"{cur:.3f} ({cur - ref:+.3f})")
-        drifted = ", ".join(summary.drifted_columns[:5]) + (" ..." if len(summary.drifted_columns) > 5 else "")
-        out.write(f"| {name} | {summary.verdict} | {len(summary.drifted_columns)}: {drifted} | "
+        drifted, small = named(summary, summary.drifted_columns), named(summary, summary.small_shifts)
+        out.write(f"| {name} | {summary.verdict} | {drifted} | {small} | "
                   f"{' | '.join(changes)} | {np.mean(dices):.3f} | {clean_dice - np.mean(dices):+.3f} | "
                   f"{seconds:.0f} |\n")  # fmt: skip
     bad = [d < 0.7 for _, d in pooled]

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,6 +138,29 @@ def test_same_distribution_is_not_flagged_over_repeated_draws() -> None:
     assert verdicts.count("no drift") >= 18
 
 
+def test_significant_but_small_shift_is_reported_not_drift() -> None:
+    """400 vs 200 cases: K-S finds a 0.5-SD move of the median; under the 1-SD floor it is a small shift, not drift.
+    A subgroup (40% of the cases) moved by 3 SD barely moves the median but is drift: the size is a mean distance."""
+    reference, current = _rows(400, 0), _rows(200, 1, shift=0.15)  # norm_p99 has SD 0.3
+    s = compare(reference, current, min_shift_sd=1.0)
+    col = next(c for c in s.columns if c.column == "norm_p99")
+    assert col.score < 0.01 and col.small_shift and not col.drifted and 0.3 < col.shift_sd < 0.8, col
+    assert s.verdict == "no drift" and s.drifted_columns == [] and s.small_shifts == ["norm_p99"]
+    assert s.columns[0].column == "norm_p99"  # small shifts right after drifted statistics
+    assert s.summary_lines[0].startswith("No statistic drifted") and len(s.summary_lines) == 2
+    assert s.summary_lines[1].startswith("Small shift, not drift (under 1 SD): Normalised intensity 99th percentile")
+    assert compare(reference, current, min_shift_sd=0.0).drifted_columns == ["norm_p99"]  # no floor: drift
+    page = render(s, reference, current)
+    assert "small shift" in page and "at least 1 reference SD" in page
+    subgroup = _rows(60, 2)
+    for row in subgroup[:24]:
+        row["norm_p99"] += 0.9
+    s = compare(reference, subgroup, min_shift_sd=1.0)
+    col = next(c for c in s.columns if c.column == "norm_p99")
+    assert col.drifted and col.shift_sd >= 1.0 and s.verdict == "drift", col
+    assert abs(col.current_median - col.reference_median) < 0.3  # the median moved by under 1 SD
+
+
 def test_minimum_samples_gives_no_verdict() -> None:
     reference, shifted = _rows(120, 0), _rows(200, 1, shift=5.0)
     few = compare(reference, shifted[:8], min_samples=20)
@@ -228,6 +252,47 @@ def test_monitor_profile_and_drift_of_test_images(
     assert any(c["column"] == "norm_p99" for c in summary["columns"])  # the profile's normalised statistics
 
 
+@pytest.mark.real_data
+def test_real_test_split_not_flagged_and_noisy_scans_are(
+    trained_real: TrainedModel, hippocampus: Path, tmp_path: Path
+) -> None:
+    """The issue's acceptance on real scans: a profile of Task04's 170 training images against its 30 test images,
+    statistics on what the network sees, gives "no drift"; the same 30 scans with Gaussian noise (10% of the
+    1-99 percentile range) drift on the noise index. Output signals are left out (no validation cases predicted)."""
+    import nibabel as nib
+
+    model = tmp_path / trained_real.model_dir.name
+    shutil.copytree(trained_real.model_dir, model, ignore=shutil.ignore_patterns(PROFILE_NAME, "*.log"))
+    env = trained_real.workspace.env()
+    proc = run_mlops("monitor", "profile", "--model", str(model), "--source", str(hippocampus),
+                     "monitor.profile_val_cases=0", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(json.loads((model / "fold_0" / PROFILE_NAME).read_text())["reference"]) == 170
+    noisy = tmp_path / "noisy"
+    (noisy / "imagesTs").mkdir(parents=True)
+    shutil.copy(hippocampus / "dataset.json", noisy)
+    (noisy / "imagesTr").symlink_to(hippocampus / "imagesTr")
+    (noisy / "labelsTr").symlink_to(hippocampus / "labelsTr")
+    rng = np.random.default_rng(0)
+    for path in sorted((hippocampus / "imagesTs").glob("*.nii.gz")):
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        spread = float(np.percentile(data, 99) - np.percentile(data, 1))
+        noise = rng.normal(0, 0.1 * spread, data.shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(data + noise, img.affine), noisy / "imagesTs" / path.name)
+    summaries = {}
+    for name, task in (("clean", hippocampus), ("noisy", noisy)):
+        proc = run_mlops("drift", str(task), f"predict.model_dir={model}", f"paths.reports={tmp_path / name}",
+                         env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summaries[name] = json.loads((tmp_path / name / "drift_summary.json").read_text())
+    clean, bad = summaries["clean"], summaries["noisy"]
+    assert (clean["reference_rows"], clean["current_rows"]) == (170, 30)
+    assert any(c["column"] == "norm_noise" for c in clean["columns"])  # the profile's normalised statistics
+    assert clean["verdict"] == "no drift", clean["summary_lines"]
+    assert bad["verdict"] == "drift" and "norm_noise" in bad["drifted_columns"], bad["summary_lines"]
+
+
 @pytest.fixture(scope="module")
 def monitored(trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """`mlops serve` with its request store in a temporary folder and a low minimum sample size."""
@@ -235,7 +300,7 @@ def monitored(trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFact
     env = {**trained_synth.workspace.env(), "PORT": str(port), "TMPDIR": str(tmp)}
     store = tmp / "store"
     args = ["serve", f"predict.model_dir={trained_synth.model_dir}", "predict.tta=true", f"monitor.store={store}",
-            "monitor.min_samples=4"]  # fmt: skip
+            "monitor.min_samples=4", "monitor.drift_refresh_s=0.5"]  # fmt: skip
     log = tmp / "server.log"
     with log.open("w") as sink:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "mlops"), *args], env=env, stdout=sink,
@@ -272,6 +337,12 @@ def test_service_signals_records_metrics_and_live_drift(
     text = "".join(p.read_text() for p in store.rglob("*.jsonl"))
     assert "jane_doe" not in text and ".nii" not in text and '"case"' not in text  # no file names, no identifiers
     assert {"norm_p99", "intensity_p99", "orientation", "confidence_foreground", "volume_ml_Posterior"} <= set(rows[0])
+    for _ in range(60):  # the periodic refresh (every 0.5 s here) updates the gauges without a /monitoring/drift call
+        if re.search(r"mlops_drift_current_samples 4\.0", httpx.get(f"{url}/metrics", timeout=10).text):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the drift gauges were not refreshed within 30 s (monitor.drift_refresh_s=0.5)")
     page = httpx.get(f"{url}/monitoring/drift", timeout=60)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert f"{trained_synth.model_dir.name} - 4 current vs 8 reference cases" in page.text

@@ -90,13 +90,18 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
         self.drift_share = Gauge(
-            "mlops_drift_share", "Share of drifted statistics at the last /monitoring/drift (0 without a verdict)",
+            "mlops_drift_share", "Share of drifted statistics at the last drift comparison (0 without a verdict)",
             registry=self.registry,
         )  # fmt: skip
         self.drift_samples = Gauge(
-            "mlops_drift_current_samples", "Current cases in the last /monitoring/drift comparison",
+            "mlops_drift_current_samples", "Current cases in the last drift comparison",
             registry=self.registry,
         )  # fmt: skip
+
+    def set_drift(self, summary: Any) -> None:
+        """The gauges of a drift comparison (from /monitoring/drift or the periodic refresh)."""
+        self.drift_share.set(summary.drift_share)
+        self.drift_samples.set(summary.current_rows)
 
     def observe_signals(self, signals: dict[str, Any]) -> None:
         for region in ("foreground", "overall"):
@@ -268,7 +273,9 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
             f"Model grid {grid.target_spacing} mm, patch {grid.patch_size}; request budget "
             f"{max_request_bytes / 2**20:,.0f} MiB, time limit {timeout_s:g} s, {slots.size} in flight"
         )
+        refresh = asyncio.create_task(refresh_drift(app.state.monitor, metrics, float(cfg.monitor.drift_refresh_s)))
         yield
+        refresh.cancel()
         drain.start()
         app.state.monitor.close()
 
@@ -432,13 +439,27 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
             summary, reference, current = await run_in_threadpool(monitor.drift)
         except MlopsError as exc:
             raise HTTPException(404, str(exc)) from None
-        metrics.drift_share.set(summary.drift_share)
-        metrics.drift_samples.set(summary.current_rows)
+        metrics.set_drift(summary)
         if format == "json" or (format is None and wants_json(None, request.headers.get("accept", ""))):
             return Response(summary.to_json(), media_type="application/json")
         return HTMLResponse(render_report(summary, reference, current))
 
     return app
+
+
+async def refresh_drift(monitor: LiveMonitor, metrics: Metrics, every_s: float) -> None:
+    """Recompute the live drift gauges every ``every_s`` seconds (0: only on /monitoring/drift), so the drift-share
+    alert fires without anyone opening the report. Needs a profile; a failure is logged and retried next time."""
+    if every_s <= 0 or monitor.profile is None:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            summary, _, _ = await run_in_threadpool(monitor.drift)
+        except Exception as exc:  # the service keeps serving; the gauges keep their last value
+            logger.warning(f"drift refresh failed: {type(exc).__name__}: {exc}")
+            continue
+        metrics.set_drift(summary)
 
 
 def public_signals(signals: dict[str, Any]) -> dict[str, Any]:

@@ -662,11 +662,12 @@ def drift(
         title=f"Drift of {summary.model}: {summary.current_rows} current vs {summary.reference_rows} reference cases",
         title_justify="left",
     )
-    for col in ("statistic", "test", "p", "adjusted p", "drifted"):
+    for col in ("statistic", "test", "p", "adjusted p", "shift (SD)", "drifted"):
         table.add_column(col)
     for c in summary.columns:
-        mark = "[bold red]yes[/]" if c.drifted else "no"
-        table.add_row(c.column, c.test, f"{c.p_value:.2g}", f"{c.score:.2g}", mark)
+        mark = "[bold red]yes[/]" if c.drifted else "[yellow]small shift[/]" if c.small_shift else "no"
+        shift = "" if c.test != "K-S" else "const." if c.shift_sd is None else f"{c.shift_sd:.2f}"
+        table.add_row(c.column, c.test, f"{c.p_value:.2g}", f"{c.score:.2g}", shift, mark)
     out.print(table)
     out.print(f"[bold]Verdict: {summary.verdict}[/] ({summary.correction})", highlight=False)
     for line in summary.summary_lines:

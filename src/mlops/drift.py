@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from mlops.config import save_config
 from mlops.decathlon import read_task
 from mlops.errors import ConfigError, DatasetError, MlopsError
-from mlops.monitoring.compare import DriftSummary, compare
+from mlops.monitoring.compare import DriftSummary, compare, thresholds
 from mlops.monitoring.profile import input_row, load_case, model_key, profile_path, read_profile
 from mlops.monitoring.report import write_report
 from mlops.monitoring.signals import SIGNAL_COLUMNS
@@ -109,9 +109,7 @@ def compare_to_profile(profile: dict, current: list[dict], cfg: DictConfig) -> D
         profile_reference(profile),
         current,
         model=str(profile.get("model", "")),
-        alpha=float(cfg.monitor.alpha),
-        min_samples=int(cfg.monitor.min_samples),
-        max_drift_share=float(cfg.drift.max_drift_share),
+        **thresholds(cfg),
     )
     summary.reference_rows = len(profile["reference"])
     return summary
@@ -158,9 +156,7 @@ def run_drift(cfg: DictConfig) -> DriftSummary:
             reference,
             current,
             model=model,
-            alpha=float(cfg.monitor.alpha),
-            min_samples=int(cfg.monitor.min_samples),
-            max_drift_share=float(cfg.drift.max_drift_share),
+            **thresholds(cfg),
         )
     html = Path(cfg.drift.html)
     write_report(summary, reference, current, html)

@@ -132,9 +132,11 @@ class Monitor(_Section):
     flush_s: float = Field(ge=0)
     alpha: float = Field(gt=0, lt=1)
     min_samples: int = PositiveInt
+    min_shift_sd: float = Field(ge=0)
     profile_on_train: bool
     profile_val_cases: int = Field(ge=0)
     max_member_mib: float = Field(ge=0)
+    drift_refresh_s: float = Field(ge=0)
 
 
 class BatchRay(_Section):

@@ -10,7 +10,7 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from mlops.errors import MlopsError
-from mlops.monitoring.compare import DriftSummary, compare
+from mlops.monitoring.compare import DriftSummary, compare, thresholds
 from mlops.monitoring.profile import model_key, profile_path, read_profile
 from mlops.monitoring.store import RequestStore, read_records
 
@@ -73,8 +73,6 @@ class LiveMonitor:
         except MlopsError:
             current = []
         reference = profile_reference(self.profile)
-        summary = compare(reference, current, model=self.model_name, alpha=float(self.cfg.monitor.alpha),
-                          min_samples=int(self.cfg.monitor.min_samples),
-                          max_drift_share=float(self.cfg.drift.max_drift_share))  # fmt: skip
+        summary = compare(reference, current, model=self.model_name, **thresholds(self.cfg))
         summary.reference_rows = len(self.profile["reference"])
         return summary, reference, current

@@ -22,7 +22,7 @@ h1{font-size:20px}.verdict{padding:10px 14px;border-radius:6px;font-weight:600;d
 .drift{background:#fde2e1;color:#8a1c13}.ok{background:#e1f5e4;color:#1b5e20}.na{background:#eee;color:#444}
 table{border-collapse:collapse;margin:12px 0}td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left}
 tr.drifted td{background:#fff4f3}.plots{display:flex;flex-wrap:wrap;gap:12px}.plot{border:1px solid #ddd;padding:6px}
-.legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}"""
+tr.small td{background:#fffbe6}.legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}"""
 
 
 def _symlog(x: np.ndarray) -> np.ndarray:
@@ -69,15 +69,20 @@ def render(summary: DriftSummary, reference: list[dict], current: list[dict]) ->
            f"<p class='verdict {css}'>Verdict: {e(summary.verdict)}</p>",
            f"<p>{len(summary.drifted_columns)} of {len(summary.columns)} statistics drifted (share "
            f"{summary.drift_share:.2f}, limit {summary.max_drift_share:.2f}). Multiple-testing correction: "
-           f"{e(summary.correction)}. Minimum current sample size for a verdict: {summary.min_samples}.</p>",
+           f"{e(summary.correction)}. A statistic drifts when it is significant after the correction and its "
+           f"median moved by at least {summary.min_shift_sd:g} reference SD; significant smaller moves are listed "
+           f"as small shifts. Minimum current sample size for a verdict: {summary.min_samples}.</p>",
            "<ul>", *(f"<li>{e(line)}</li>" for line in summary.summary_lines), "</ul>",
            "<h2>Statistics (drifted first)</h2><table><tr><th>statistic</th><th>test</th><th>p</th>"
-           "<th>adjusted p</th><th>reference median</th><th>current median</th><th>drifted</th></tr>"]  # fmt: skip
+           "<th>adjusted p</th><th>reference median</th><th>current median</th><th>shift (reference SD)</th>"
+           "<th>drifted</th></tr>"]  # fmt: skip
     for c in summary.columns:
         med = ["" if v is None else f"{v:.4g}" for v in (c.reference_median, c.current_median)]
-        out.append(f"<tr class='{'drifted' if c.drifted else ''}'><td>{e(c.label)} <small>({e(c.column)})</small>"
+        shift = "" if c.test != "K-S" else "constant" if c.shift_sd is None else f"{c.shift_sd:.2f}"
+        mark, row = ("yes", "drifted") if c.drifted else ("small shift", "small") if c.small_shift else ("no", "")
+        out.append(f"<tr class='{row}'><td>{e(c.label)} <small>({e(c.column)})</small>"
                    f"</td><td>{e(c.test)}</td><td>{c.p_value:.2g}</td><td>{c.score:.2g}</td><td>{med[0]}</td>"
-                   f"<td>{med[1]}</td><td>{'yes' if c.drifted else 'no'}</td></tr>")  # fmt: skip
+                   f"<td>{med[1]}</td><td>{shift}</td><td>{mark}</td></tr>")  # fmt: skip
     out.append("</table><h2>Cases furthest from the reference</h2><table><tr><th>case</th><th>robust z</th>"
                "<th>statistic</th><th>value</th><th>reference median</th></tr>")  # fmt: skip
     for o in summary.outliers:
