@@ -25,7 +25,7 @@ import numpy as np
 from mlops.config import load_config
 from mlops.drift import profile_reference, task_images
 from mlops.inference import Segmenter
-from mlops.monitoring.compare import ColumnDrift, DriftSummary, compare, thresholds
+from mlops.monitoring.compare import DriftSummary, compare, thresholds
 from mlops.monitoring.profile import read_profile
 from mlops.monitoring.signals import SIGNAL_COLUMNS, observe
 from mlops.monitoring.stats import normalised_stats, orientation, raw_stats
@@ -109,11 +109,7 @@ def auroc(scores: list[float], positive: list[bool]) -> float:
 def named(summary: DriftSummary, columns: list[str]) -> str:
     """'2: norm_noise (3.1), spacing_z (const. ref.)': each statistic with its shift in reference SD."""
     by_name = {c.column: c for c in summary.columns}
-
-    def size(c: ColumnDrift) -> str:
-        return "unseen code" if c.test != "K-S" else "const. ref." if c.shift_sd is None else f"{c.shift_sd:.3g}"
-
-    shown = [f"{c} ({size(by_name[c])})" for c in columns[:5]]
+    shown = [f"{c} ({by_name[c].shift_text or 'unseen code'})" for c in columns[:5]]
     return f"{len(columns)}: " + ", ".join(shown) + (" ..." if len(columns) > 5 else "")
 
 

@@ -665,9 +665,8 @@ def drift(
     for col in ("statistic", "test", "p", "adjusted p", "shift (SD)", "drifted"):
         table.add_column(col)
     for c in summary.columns:
-        mark = "[bold red]yes[/]" if c.drifted else "[yellow]small shift[/]" if c.small_shift else "no"
-        shift = "" if c.test != "K-S" else "const." if c.shift_sd is None else f"{c.shift_sd:.2f}"
-        table.add_row(c.column, c.test, f"{c.p_value:.2g}", f"{c.score:.2g}", shift, mark)
+        mark = {"drifted": "[bold red]yes[/]", "small shift": "[yellow]small shift[/]"}.get(c.status, "no")
+        table.add_row(c.column, c.test, f"{c.p_value:.2g}", f"{c.score:.2g}", c.shift_text, mark)
     out.print(table)
     out.print(f"[bold]Verdict: {summary.verdict}[/] ({summary.correction})", highlight=False)
     for line in summary.summary_lines:

@@ -60,8 +60,17 @@ class ColumnDrift:
     reference_median: float | None
     current_median: float | None
     line: str
-    shift_sd: float | None = None  # |current - reference median| in reference SDs (None: categorical)
+    shift_sd: float | None = None  # Wasserstein distance in reference SDs (None: categorical, or constant reference)
     small_shift: bool = False  # significant after correction, but under the effect-size floor: reported, not drift
+
+    @property
+    def status(self) -> str:
+        return "drifted" if self.drifted else "small shift" if self.small_shift else "no"
+
+    @property
+    def shift_text(self) -> str:
+        """The shift for a table cell: blank for a categorical test, "const. ref." where the reference is constant."""
+        return "" if self.test != "K-S" else "const. ref." if self.shift_sd is None else f"{self.shift_sd:.2f}"
 
 
 @dataclass

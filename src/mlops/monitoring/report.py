@@ -70,7 +70,7 @@ def render(summary: DriftSummary, reference: list[dict], current: list[dict]) ->
            f"<p>{len(summary.drifted_columns)} of {len(summary.columns)} statistics drifted (share "
            f"{summary.drift_share:.2f}, limit {summary.max_drift_share:.2f}). Multiple-testing correction: "
            f"{e(summary.correction)}. A statistic drifts when it is significant after the correction and its "
-           f"median moved by at least {summary.min_shift_sd:g} reference SD; significant smaller moves are listed "
+           f"values moved by at least {summary.min_shift_sd:g} reference SD; significant smaller moves are listed "
            f"as small shifts. Minimum current sample size for a verdict: {summary.min_samples}.</p>",
            "<ul>", *(f"<li>{e(line)}</li>" for line in summary.summary_lines), "</ul>",
            "<h2>Statistics (drifted first)</h2><table><tr><th>statistic</th><th>test</th><th>p</th>"
@@ -78,11 +78,10 @@ def render(summary: DriftSummary, reference: list[dict], current: list[dict]) ->
            "<th>drifted</th></tr>"]  # fmt: skip
     for c in summary.columns:
         med = ["" if v is None else f"{v:.4g}" for v in (c.reference_median, c.current_median)]
-        shift = "" if c.test != "K-S" else "constant" if c.shift_sd is None else f"{c.shift_sd:.2f}"
-        mark, row = ("yes", "drifted") if c.drifted else ("small shift", "small") if c.small_shift else ("no", "")
+        mark, row = {"drifted": ("yes", "drifted"), "small shift": ("small shift", "small")}.get(c.status, ("no", ""))
         out.append(f"<tr class='{row}'><td>{e(c.label)} <small>({e(c.column)})</small>"
                    f"</td><td>{e(c.test)}</td><td>{c.p_value:.2g}</td><td>{c.score:.2g}</td><td>{med[0]}</td>"
-                   f"<td>{med[1]}</td><td>{shift}</td><td>{mark}</td></tr>")  # fmt: skip
+                   f"<td>{med[1]}</td><td>{c.shift_text}</td><td>{mark}</td></tr>")  # fmt: skip
     out.append("</table><h2>Cases furthest from the reference</h2><table><tr><th>case</th><th>robust z</th>"
                "<th>statistic</th><th>value</th><th>reference median</th></tr>")  # fmt: skip
     for o in summary.outliers:
