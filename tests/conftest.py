@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mlops.synth import SynthSpec, generate_task
+
+from . import models
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -84,9 +90,12 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
 
 
 @pytest.fixture(scope="session")
-def synth_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A pristine 3D synthetic Decathlon task (8 training, 2 test cases). Copy it before modifying it."""
-    return generate_task(tmp_path_factory.mktemp("synth") / "Task500_Synthetic", SynthSpec(num_train=8, num_test=2))
+def synth_task() -> Iterator[Path]:
+    """A pristine 3D synthetic Decathlon task (8 training, 2 test cases), cached (tests/models.py). Read-only: copy
+    it before modifying it (``task_copy``); the session fails if a test wrote into it."""
+    task = models.synthetic_task()
+    yield task
+    models.Entry(task.parent.parent, "", 0.0, built_now=False).verify()
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +113,29 @@ def task_copy(synth_task: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    """monkeypatch for module-scoped fixtures (an in-process server's environment)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
 @pytest.fixture
 def cli() -> CliRunner:
     return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, which `make test` installs (system-deps); a test never installs anything. Missing, its
+    tests skip with the reason, or fail under CI=true, where skipping would hide them."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        message = "Debian's chromium is not installed: `make system-deps` (root) or `apt-get install chromium`"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return exe
 
 
 @pytest.fixture(scope="session")
@@ -132,6 +161,41 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, seconds: float = 120
     pytest.fail(f"server did not become ready in {seconds:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_process(overrides: list[str], tmpdir: Path) -> Iterator[str]:
+    """The service `mlops serve` runs (create_app + the same configured uvicorn server), on 127.0.0.1 in a thread of
+    this process: no process start or torch import per server. For what a process boundary is the point of (signals,
+    memory, the container's command, the browser's page), tests start `mlops serve` itself. ``tmpdir`` stands in for
+    the process's TMPDIR while the server runs (tests check that uploads leave no files behind)."""
+    from mlops.api import build_server, create_app
+    from mlops.config import load_config
+
+    port = free_port()
+    cfg = load_config([*overrides, "serve.host=127.0.0.1", f"serve.port={port}"])
+    server = build_server(create_app(cfg), cfg)
+    saved, tempfile.tempdir = tempfile.tempdir, str(tmpdir)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not server.started:
+            assert thread.is_alive(), "the in-process server stopped while starting (see the log above)"
+            assert time.monotonic() < deadline, "the in-process server did not start in 120 s"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        tempfile.tempdir = saved
+        assert not thread.is_alive(), "the in-process server did not stop within 60 s"
+
+
 def run_mlops(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the installed `mlops` console script as a user would (a real process, real exit code)."""
     exe = Path(sys.executable).parent / "mlops"
@@ -139,23 +203,27 @@ def run_mlops(*args: str, env: dict[str, str] | None = None, cwd: Path | None = 
 
 
 @pytest.fixture(scope="session")
-def prepared_synth(tmp_path_factory: pytest.TempPathFactory, synth_task: Path) -> Iterator[Workspace]:
-    """The synthetic task prepared once for the session by the real `mlops prepare` (nnU-Net planning included)."""
-    ws = Workspace(tmp_path_factory.mktemp("prepared") / "data")
-    proc = run_mlops("prepare", str(synth_task), env=ws.env())
-    assert proc.returncode == 0, proc.stderr
-    yield ws
+def synth_entry(synth_task: Path) -> Iterator[models.Entry]:
+    """The synthetic task prepared by the real `mlops prepare` and fold 0 trained by the real `mlops train` on CPU,
+    cached by content hash (tests/models.py): built by the first run on a machine, reused by later ones."""
+    entry = models.synthetic(synth_task)
+    yield entry
+    entry.verify()
 
 
-# A short CPU schedule through nnU-Net's real trainer: enough to learn the synthetic structures measurably.
-QUICK_TRAIN = [
-    "dataset.id=500",
-    "train=quick",
-    "train.epochs=4",
-    "train.iterations_per_epoch=10",
-    "train.val_iterations_per_epoch=3",
-    "train.device=cpu",
-]
+@pytest.fixture(scope="session")
+def prepared_synth(synth_entry: models.Entry) -> Workspace:
+    """The prepared synthetic task (read-only: a test that trains or writes copies it with ``private_synth``)."""
+    return Workspace(synth_entry.root)
+
+
+@pytest.fixture
+def private_synth(prepared_synth: Workspace, tmp_path: Path) -> Workspace:
+    """A writable copy of the prepared synthetic task with empty results: for tests that train folds of their own."""
+    return Workspace(models.private_copy(prepared_synth.root, tmp_path / "data"))
+
+
+QUICK_TRAIN = models.QUICK_TRAIN
 
 
 @dataclass
@@ -174,30 +242,24 @@ class TrainedModel:
 
 
 @pytest.fixture(scope="session")
-def trained_synth(prepared_synth: Workspace, tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
-    """Fold 0 of the synthetic task trained once for the session by the real `mlops train` on CPU."""
-    reports = tmp_path_factory.mktemp("reports")
-    proc = run_mlops("train", "--fold", "0", *QUICK_TRAIN, f"paths.reports={reports}", env=prepared_synth.env())
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return TrainedModel(prepared_synth, proc.stdout)
-
-
-# 6 epochs x 25 iterations at batch 2 reached Dice 0.52 (posterior) on the 34 validation cases, 0 (anterior: nnU-Net
-# learns it later); chance is 0.028. 8 epochs leave a margin for the non-deterministic data augmentation. Measured
-# here on 2 CPU cores (this schedule, alone): prepare 37 s, training 13.4 min (about 4 s per iteration), nnU-Net's
-# validation 2.6 min; Dice posterior 0.55, anterior 0. No monitoring profile: no test reads this model's, and its
-# 10 predicted validation cases cost 47 s (the profile written by training is tested on the synthetic model).
-REAL_TRAIN = ["train=quick", "train.epochs=8", "train.iterations_per_epoch=25", "train.val_iterations_per_epoch=2",
-              "train.batch_size=2", "train.device=cpu", "wandb.mode=disabled",
-              "monitor.profile_on_train=false"]  # fmt: skip
+def trained_synth(synth_entry: models.Entry) -> TrainedModel:
+    """Fold 0 of the synthetic task trained by the real `mlops train` (QUICK_TRAIN; read-only, cached)."""
+    return TrainedModel(Workspace(synth_entry.root), synth_entry.stdout)
 
 
 @pytest.fixture(scope="session")
-def trained_real(hippocampus: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
-    """Fold 0 of the real Task04 trained once for the session (a few CPU minutes): prepare, then `mlops train`."""
-    ws = Workspace(tmp_path_factory.mktemp("real") / "data")
-    proc = run_mlops("prepare", str(hippocampus), env=ws.env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_mlops("train", "--fold", "0", "dataset.id=4", *REAL_TRAIN, env=ws.env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return TrainedModel(ws, proc.stdout, "Dataset004_Hippocampus")
+def trained_real(hippocampus: Path) -> Iterator[TrainedModel]:
+    """Fold 0 of the real Task04, prepared and trained with models.REAL_TRAIN (a schedule that learns both labels),
+    cached outside the clone by content hash: about 50 CPU minutes once per machine, then seconds. Every test that
+    uses it is in the slow tier (pytest_collection_modifyitems)."""
+    entry = models.real(hippocampus)
+    yield TrainedModel(Workspace(entry.root), entry.stdout, "Dataset004_Hippocampus")
+    entry.verify()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that needs the real trained model is slow (and needs the real data), whatever its own marks say."""
+    for item in items:
+        if "trained_real" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.real_data)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from .conftest import HIPPOCAMPUS, TrainedModel, run_mlops, wait_ready
+from .conftest import HIPPOCAMPUS, TrainedModel, run_mlops, serve_in_process
 
 MAX_BYTES = 3_000_000
 MAX_VOXELS = 2_000_000
@@ -32,35 +29,19 @@ class Server:
     model_dir: Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port, tmpdir = free_port(), tmp_path_factory.mktemp("server_tmp")
-    env = trained_synth.workspace.env()
-    env.update(PORT=str(port), TMPDIR=str(tmpdir))  # the port comes from $PORT, as on Cloud Run
-    args = ["serve", f"predict.model_dir={trained_synth.model_dir}", "predict.tta=false"]
-    args += [
-        f"serve.max_upload_bytes={MAX_BYTES}",
-        f"serve.max_voxels={MAX_VOXELS}",
-        f"serve.max_in_flight={MAX_IN_FLIGHT}",
-    ]
-    exe = Path(sys.executable).parent / "mlops"
-    log = tmpdir.parent / "server.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen([str(exe), *args], env=env, stdout=sink, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(proc, url, log)
-        try:
-            yield Server(url, tmpdir, trained_synth.model_dir)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    assert proc.returncode is not None
+def server(
+    trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: pytest.MonkeyPatch
+) -> Iterator[Server]:
+    """The service on 127.0.0.1 in this process (the real uvicorn server `mlops serve` runs; test_hostile and
+    test_faults start `mlops serve` itself, where the process is the point)."""
+    tmpdir = tmp_path_factory.mktemp("server_tmp")
+    monkeypatch_module.setenv("MLOPS_DATA_DIR", str(trained_synth.workspace.root))
+    overrides = [f"predict.model_dir={trained_synth.model_dir}", "predict.tta=false",
+                 f"monitor.store={tmpdir.parent / 'monitoring'}", f"serve.max_upload_bytes={MAX_BYTES}",
+                 f"serve.max_voxels={MAX_VOXELS}", f"serve.max_in_flight={MAX_IN_FLIGHT}"]  # fmt: skip
+    with serve_in_process(overrides, tmpdir) as url:
+        yield Server(url, tmpdir, trained_synth.model_dir)
 
 
 def post(server: Server, name: str, body: bytes, **params: object) -> httpx.Response:
@@ -239,11 +220,12 @@ def test_served_volumes_feed_the_drift_report(
     """The service stores each request's statistics (no file name) under the model's key in monitor.store;
     `mlops drift --current requests` reads them and compares them with the profile training wrote."""
     assert_good(server, synth_task / "imagesTs" / "synth_008.nii.gz")
-    files = list((trained_synth.workspace.root / "monitoring").rglob("*.jsonl"))
+    store = server.tmpdir.parent / "monitoring"
+    files = list(store.rglob("*.jsonl"))
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     assert rows and "case" not in rows[-1] and "intensity_p99" in rows[-1] and "confidence_overall" in rows[-1]
     args = ["drift", str(synth_task), "--current", "requests", f"predict.model_dir={trained_synth.model_dir}",
-            f"paths.reports={tmp_path}"]  # fmt: skip
+            f"paths.reports={tmp_path}", f"monitor.store={store}"]  # fmt: skip
     proc = run_mlops(*args, env=trained_synth.workspace.env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "drift_summary.json").read_text())

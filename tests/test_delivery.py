@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from .conftest import REPO, TrainedModel, wait_ready
+from .conftest import REPO, TrainedModel, free_port, wait_ready
 
 BIN = Path(sys.executable).parent
 
@@ -154,12 +153,6 @@ def dockerfile_cmd(path: Path) -> list[str]:
     cmds = [line.strip()[3:].strip() for line in text.splitlines() if line.strip().upper().startswith("CMD ")]
     assert cmds, f"{path}: no CMD"
     return json.loads(cmds[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX sh, as the image has")

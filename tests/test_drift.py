@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -93,22 +92,6 @@ def test_same_generator_does_not_drift(same_task: Path, tmp_path: Path, cli: Cli
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "drift_summary.json").read_text())
     assert summary["dataset_drift"] is False and summary["verdict"] == "no drift" and summary["drift_share"] == 0
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium, installed here when missing (root + apt); skipped with the reason when impossible."""
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600, check=False)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900, check=False
-        )
-        exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip("Chromium is not installed and could not be installed (needs root and apt-get)")
-    return exe
 
 
 def test_report_renders_in_headless_chromium(shifted_task: Path, tmp_path: Path, cli: CliRunner, chromium: str) -> None:

@@ -25,6 +25,7 @@ from mlops.errors import ConfigError
 from mlops.evaluate import DiceReport, model_validation_warnings, weak_labels
 from mlops.train import estimate_cpu_seconds, parse_fold_list, prepared_dataset
 
+from . import models
 from .conftest import QUICK_TRAIN, TrainedModel, Workspace, run_mlops
 
 MODEL = "nnUNetTrainer__nnUNetPlans__3d_fullres"
@@ -33,11 +34,7 @@ QUICK = [o for o in QUICK_TRAIN if not o.startswith("dataset.")] + ["wandb.mode=
 
 def _private(prepared: Workspace, root: Path) -> Workspace:
     """A copy of the prepared synthetic dataset with results of its own (the session's folds stay untouched)."""
-    ws = Workspace(root / "data")
-    shutil.copytree(prepared.raw, ws.raw)
-    shutil.copytree(prepared.preprocessed, ws.preprocessed)
-    ws.results.mkdir(parents=True)
-    return ws
+    return Workspace(models.private_copy(prepared.root, root / "data"))
 
 
 @pytest.mark.parametrize("value", ["500", "Dataset500_Synthetic", "Synthetic", "synthetic", "SYNTHETIC"])
@@ -67,18 +64,20 @@ def test_dataset_errors_name_what_exists(prepared_synth: Workspace, monkeypatch:
     assert "Dataset007_" in proc.stderr and "prepared datasets: Dataset500_Synthetic (--dataset 500)" in proc.stderr
 
 
-def test_predict_without_a_model_names_the_trained_one(trained_synth: TrainedModel, synth_task: Path) -> None:
+def test_predict_without_a_model_names_the_trained_one(
+    trained_synth: TrainedModel, synth_task: Path, tmp_path: Path
+) -> None:
     """After `make demo` (synthetic model only), a plain `mlops predict` says which model exists and how to pick it."""
     ws = trained_synth.workspace
     image = synth_task / "imagesTs" / "synth_008.nii.gz"
-    proc = run_mlops("predict", str(image), "-o", str(ws.root / "x.nii.gz"), env=ws.env())
+    proc = run_mlops("predict", str(image), "-o", str(tmp_path / "x.nii.gz"), env=ws.env())
     assert proc.returncode == 1
     assert "no trained model in" in proc.stderr and "Dataset004_Hippocampus" in proc.stderr
     assert "trained models: Dataset500_Synthetic 3d_fullres folds 0" in proc.stderr and "--dataset 500" in proc.stderr
-    assert not (ws.root / "x.nii.gz").exists()
-    ok = run_mlops("predict", str(image), "-d", "500", "--no-tta", "-o", str(ws.root / "x.nii.gz"), env=ws.env())
+    assert not (tmp_path / "x.nii.gz").exists()
+    ok = run_mlops("predict", str(image), "-d", "500", "--no-tta", "-o", str(tmp_path / "x.nii.gz"), env=ws.env())
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert nib.load(ws.root / "x.nii.gz").shape == nib.load(image).shape
+    assert nib.load(tmp_path / "x.nii.gz").shape == nib.load(image).shape
 
 
 def test_fold_lists() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import math
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import TrainedModel, run_mlops, wait_ready
+from .conftest import TrainedModel, free_port, run_mlops, wait_ready
 
 # Peak RSS of the whole server process (VmHWM: the high-water mark over its life, model included). Measured here:
 # 0.87-0.98 GiB after the model loads and every case below; before the fixes one complex128 upload took it to 2.7 GB.
@@ -119,19 +118,14 @@ class Server:
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(trained: TrainedModel, tmpdir: Path, *overrides: str) -> Iterator[Server]:
     """`mlops serve` on 127.0.0.1 with the trained synthetic model; stopped (SIGTERM) when the generator closes."""
     port = free_port()
     env = trained.workspace.env()
     env.update(PORT=str(port), TMPDIR=str(tmpdir))
     exe = Path(sys.executable).parent / "mlops"
-    args = ["serve", f"predict.model_dir={trained.model_dir}", "predict.tta=false", *overrides]
+    store = f"monitor.store={tmpdir.parent / (tmpdir.name + '_monitoring')}"  # not the cached model's data root
+    args = ["serve", f"predict.model_dir={trained.model_dir}", "predict.tta=false", store, *overrides]
     log = tmpdir.parent / f"{tmpdir.name}.log"
     with log.open("w") as sink:
         proc = subprocess.Popen([str(exe), *args], env=env, stdout=sink, stderr=subprocess.STDOUT)

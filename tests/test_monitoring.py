@@ -7,8 +7,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +26,7 @@ from mlops.monitoring.signals import dice, output_signals
 from mlops.monitoring.stats import normalised_stats, raw_stats
 from mlops.monitoring.store import RequestStore, read_records
 
-from .conftest import TrainedModel, run_mlops, wait_ready
-from .test_api import free_port
+from .conftest import TrainedModel, run_mlops, serve_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "monitoring"
@@ -294,24 +291,17 @@ def test_real_test_split_not_flagged_and_noisy_scans_are(
 
 
 @pytest.fixture(scope="module")
-def monitored(trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """`mlops serve` with its request store in a temporary folder and a low minimum sample size."""
-    port, tmp = free_port(), tmp_path_factory.mktemp("monitored")
-    env = {**trained_synth.workspace.env(), "PORT": str(port), "TMPDIR": str(tmp)}
+def monitored(
+    trained_synth: TrainedModel, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: pytest.MonkeyPatch
+) -> Iterator[tuple[str, Path]]:
+    """The service (in this process) with its request store in a temporary folder and a low minimum sample size."""
+    tmp = tmp_path_factory.mktemp("monitored")
+    monkeypatch_module.setenv("MLOPS_DATA_DIR", str(trained_synth.workspace.root))
     store = tmp / "store"
-    args = ["serve", f"predict.model_dir={trained_synth.model_dir}", "predict.tta=true", f"monitor.store={store}",
-            "monitor.min_samples=4", "monitor.drift_refresh_s=0.5"]  # fmt: skip
-    log = tmp / "server.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlops"), *args], env=env, stdout=sink,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(proc, url, log)
-            yield url, store
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    overrides = [f"predict.model_dir={trained_synth.model_dir}", "predict.tta=true", f"monitor.store={store}",
+                 "monitor.min_samples=4", "monitor.drift_refresh_s=0.5"]  # fmt: skip
+    with serve_in_process(overrides, tmp) as url:
+        yield url, store
 
 
 def test_service_signals_records_metrics_and_live_drift(

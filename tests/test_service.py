@@ -22,16 +22,13 @@ from PIL import Image
 from mlops.palette import colour, palette
 from mlops.preview import centre_of_mass
 
-from .browser import CHROMIUM, Browser
-from .conftest import TrainedModel, run_mlops, wait_ready
-from .test_api import free_port
+from .browser import Browser
+from .conftest import TrainedModel, free_port, run_mlops, wait_ready
 
 TOKEN = "s3cret-token-for-tests"
 ORIGIN = "http://viewer.example"
 # A file name that must never reach the log (a real one can name a patient).
 PRIVATE_NAME = "patient_jane_doe_19700101.nii.gz"
-
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 
 
 @dataclass
@@ -292,7 +289,7 @@ def assert_page(result: dict, seg: np.ndarray, api_volumes: dict[str, float]) ->
     assert result["error_text"].startswith("Error 400: broken.nii.gz:"), result["error_text"]
 
 
-@needs_chromium
+@pytest.mark.usefixtures("chromium")
 def test_page_segments_in_a_browser(served: Served, synth_task: Path, tmp_path: Path) -> None:
     scan = synth_task / "imagesTs" / "synth_009.nii.gz"
     seg, api = predicted(served, scan)
@@ -302,7 +299,7 @@ def test_page_segments_in_a_browser(served: Served, synth_task: Path, tmp_path: 
 
 @pytest.mark.slow
 @pytest.mark.real_data
-@needs_chromium
+@pytest.mark.usefixtures("chromium")
 def test_page_and_preview_on_a_real_scan(trained_real: TrainedModel, hippocampus: Path, tmp_path: Path) -> None:
     """A real hippocampus MRI through the page with a model trained on the real task, and its CLI preview."""
     scan = sorted((hippocampus / "imagesTs").glob("*.nii.gz"))[0]

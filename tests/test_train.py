@@ -106,7 +106,7 @@ def test_evaluate_fold_writes_report(trained_synth: TrainedModel, tmp_path: Path
     assert "Anterior" in proc.stdout and "mean" in proc.stdout
 
 
-def test_resume_continues_epochs_and_logs(prepared_synth: Workspace) -> None:
+def test_resume_continues_epochs_and_logs(private_synth: Workspace) -> None:
     fast = [
         "dataset.id=500",
         "train=quick",
@@ -117,11 +117,11 @@ def test_resume_continues_epochs_and_logs(prepared_synth: Workspace) -> None:
         "wandb.mode=disabled",
         "train.device=cpu",
     ]
-    first = run_mlops("train", "--fold", "1", "train.epochs=1", *fast, env=prepared_synth.env())
+    first = run_mlops("train", "--fold", "1", "train.epochs=1", *fast, env=private_synth.env())
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_mlops("train", "--fold", "1", "train.epochs=2", "--continue", *fast, env=prepared_synth.env())
+    second = run_mlops("train", "--fold", "1", "train.epochs=2", "--continue", *fast, env=private_synth.env())
     assert second.returncode == 0, second.stderr[-3000:]
-    fold = prepared_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_1"
+    fold = private_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_1"
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == 2
     assert len(ckpt["logging"]["train_losses"]) == 2  # nnU-Net's own log continued, not restarted
@@ -136,7 +136,7 @@ def test_resume_continues_epochs_and_logs(prepared_synth: Workspace) -> None:
     ids=["ctrl-c", "sigterm"],
 )
 def test_interrupt_saves_checkpoint_and_says_how_to_resume(
-    prepared_synth: Workspace, sig: signal.Signals, fold: int, workers: int
+    private_synth: Workspace, sig: signal.Signals, fold: int, workers: int
 ) -> None:
     args = ["train", "--fold", str(fold), "dataset.id=500", "train=quick", "train.epochs=200"]
     args += ["train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1", f"train.num_workers={workers}"]
@@ -146,13 +146,13 @@ def test_interrupt_saves_checkpoint_and_says_how_to_resume(
     # non-interactive shell inherits SIGINT ignored (POSIX), and Python then installs no KeyboardInterrupt: restore it.
     proc = subprocess.Popen(
         [str(exe), *args],
-        env=prepared_synth.env(),
+        env=private_synth.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    folder = prepared_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / f"fold_{fold}"
+    folder = private_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / f"fold_{fold}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         log = folder / "mlops_train.log"
@@ -172,10 +172,10 @@ def test_interrupt_saves_checkpoint_and_says_how_to_resume(
     assert not any("Traceback" in line for line in stderr.splitlines()[-20:]), stderr[-3000:]
 
 
-def test_overrides_reach_the_trainer(prepared_synth: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overrides_reach_the_trainer(private_synth: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlops import nnunet
 
-    for var, value in prepared_synth.nnunet_env().items():
+    for var, value in private_synth.nnunet_env().items():
         if var.startswith("nnUNet_"):
             monkeypatch.setenv(var, value)
     cfg = load_config(["train=quick", "train.iterations_per_epoch=7", "train.epochs=11", "train.initial_lr=0.003"])
@@ -204,16 +204,16 @@ def test_no_prepared_dataset(workspace: Workspace) -> None:
     assert "no preprocessed dataset" in proc.stderr and "run `mlops prepare` first" in proc.stderr
 
 
-def test_unknown_fold(cli: CliRunner, prepared_synth: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLOPS_DATA_DIR", str(prepared_synth.root))
+def test_unknown_fold(cli: CliRunner, private_synth: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLOPS_DATA_DIR", str(private_synth.root))
     result = cli.invoke(app, ["train", "--fold", "7", "dataset.id=500"])
     assert result.exit_code == 1
     assert "unknown fold '7'" in result.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_gpu(cli: CliRunner, prepared_synth: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLOPS_DATA_DIR", str(prepared_synth.root))
+def test_cuda_without_gpu(cli: CliRunner, private_synth: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLOPS_DATA_DIR", str(private_synth.root))
     result = cli.invoke(app, ["train", "--fold", "0", "--device", "cuda", "dataset.id=500", "wandb.mode=disabled"])
     assert result.exit_code == 1
     assert "PyTorch sees no CUDA GPU" in result.output
@@ -250,7 +250,7 @@ def test_wandb_failure_never_stops_training(tmp_path: Path, monkeypatch: pytest.
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_training_on_gpu(prepared_synth: Workspace) -> None:
+def test_training_on_gpu(private_synth: Workspace) -> None:
     proc = run_mlops(
         "train",
         "--fold",
@@ -261,23 +261,23 @@ def test_training_on_gpu(prepared_synth: Workspace) -> None:
         "train=quick",
         "train.epochs=1",
         "wandb.mode=disabled",
-        env=prepared_synth.env(),
+        env=private_synth.env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Device: cuda" in proc.stderr
 
 
-def test_resume_picks_the_interrupted_run_not_an_older_final(prepared_synth: Workspace) -> None:
+def test_resume_picks_the_interrupted_run_not_an_older_final(private_synth: Workspace) -> None:
     """Issue 8 repro: a finished run, then a new longer run over it interrupted by SIGTERM, then --continue."""
     fast = ["dataset.id=500", "train=quick", "train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1"]
     fast += ["train.validate=false", "train.num_workers=0", "wandb.mode=disabled", "train.device=cpu"]
-    folder = prepared_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_4"
-    first = run_mlops("train", "--fold", "4", "train.epochs=1", *fast, env=prepared_synth.env())
+    folder = private_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_4"
+    first = run_mlops("train", "--fold", "4", "train.epochs=1", *fast, env=private_synth.env())
     assert first.returncode == 0, first.stderr[-3000:]
     exe = Path(sys.executable).parent / "mlops"
     proc = subprocess.Popen(
         [str(exe), "train", "--fold", "4", "train.epochs=200", *fast],
-        env=prepared_synth.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=private_synth.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -291,7 +291,7 @@ def test_resume_picks_the_interrupted_run_not_an_older_final(prepared_synth: Wor
     (archived,) = (folder / "previous_runs").iterdir()
     assert torch.load(archived / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 1
     assert not (folder / "checkpoint_final.pth").exists()
-    resumed = run_mlops("train", "--fold", "4", "train.epochs=4", "--continue", *fast, env=prepared_synth.env())
+    resumed = run_mlops("train", "--fold", "4", "train.epochs=4", "--continue", *fast, env=private_synth.env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     interrupted_at = len(torch.load(folder / "checkpoint_final.pth", weights_only=False)["logging"]["train_losses"])
     assert interrupted_at == 4

@@ -500,11 +500,12 @@ def _segment(
     return to_gzip_bytes(segmentation_like(seg, img), level=1), volumes, signals
 
 
-def run_server(app: FastAPI, cfg: DictConfig) -> None:
+def build_server(app: FastAPI, cfg: DictConfig) -> Any:
     """uvicorn on ``serve.host:serve.port`` with bounded connections and idle keep-alive, and a SIGTERM that drains.
 
     On SIGTERM (Cloud Run, docker stop) uvicorn stops accepting at once; work in flight gets ``serve.shutdown_grace_s``
-    to finish and is then cancelled at its next tile, so the process exits within Cloud Run's 10 s.
+    to finish and is then cancelled at its next tile, so the process exits within Cloud Run's 10 s. The server is
+    returned, not run, so tests can run the very same server in a thread (uvicorn installs no signal handlers there).
     """
     import uvicorn
 
@@ -527,7 +528,12 @@ def run_server(app: FastAPI, cfg: DictConfig) -> None:
         timeout_keep_alive=5,
         timeout_graceful_shutdown=int(float(cfg.serve.shutdown_grace_s)) + 1,
     )
-    DrainingServer(config).run()
+    return DrainingServer(config)
+
+
+def run_server(app: FastAPI, cfg: DictConfig) -> None:
+    """Serve until SIGTERM/Ctrl-C (:func:`build_server`)."""
+    build_server(app, cfg).run()
 
 
 def fetch_model(cfg: DictConfig) -> Path:
