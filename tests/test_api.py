@@ -70,7 +70,7 @@ def assert_good(server: Server, src: Path) -> np.ndarray:
 def test_health_ready_docs(server: Server) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/ready").json()
-    assert ready["ready"] is True and ready["model"] == str(server.model_dir) and ready["folds"] == ["0"]
+    assert ready["ready"] is True and ready["model"] == server.model_dir.name and ready["folds"] == ["0"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
     assert "/predict" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
 

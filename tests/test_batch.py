@@ -264,7 +264,7 @@ def test_listing_rules(synth_task: Path, tmp_path: Path) -> None:
     (links / "x_0000.nii.gz").symlink_to(synth_task / "imagesTs" / "synth_008.nii.gz")
     (links / "dangling_0000.nii.gz").symlink_to(tmp_path / "missing.nii.gz")
     assert [c.case for c in list_cases(str(links), str(tmp_path / "out"))] == ["x"]
-    with pytest.raises(DatasetError, match="must differ from the input folder"):
+    with pytest.raises(DatasetError, match="is, or is inside, the input folder"):
         list_cases(str(tmp_path / "a"), str(tmp_path / "a"))
     with pytest.raises(DatasetError, match="no such folder"):
         list_cases(str(tmp_path / "nope"), str(tmp_path / "out"))

@@ -187,7 +187,7 @@ def test_api_image_cmd_serves_with_cloud_run_env(trained_synth: TrainedModel, sy
             ready = wait_ready(proc, url, log)
             # The model was fetched from MODEL_URI into the data root's model cache, and is what is served.
             cached = data / "model_cache" / trained_synth.model_dir.name
-            assert ready.json()["model"] == str(cached) and (cached / "fold_0" / "checkpoint_final.pth").is_file()
+            assert ready.json()["model"] == cached.name and (cached / "fold_0" / "checkpoint_final.pth").is_file()
 
             case = sorted((synth_task / "imagesTs").glob("*.nii.gz"))[0]
             resp = httpx.post(

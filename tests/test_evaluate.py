@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +16,8 @@ from typer.testing import CliRunner
 from mlops.cli import app
 from mlops.errors import DatasetError
 from mlops.evaluate import dice, label_metrics, score_folders
+
+from .conftest import TrainedModel
 
 
 def _save(arr: np.ndarray, path: Path) -> None:
@@ -124,3 +127,24 @@ def test_evaluate_cli_on_folders(synth_task: Path, tmp_path: Path, cli: CliRunne
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / f"evaluate_{labels_ts.name}_vs_{labels_ts.name}.json").read_text())
     assert report["foreground_mean"] == 1.0 and report["num_cases"] == 2
+
+
+def test_folders_are_scored_under_the_dataset_label_names(
+    synth_task: Path, trained_synth: TrainedModel, tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: `evaluate --pred --ref` without a prepared dataset named the columns label_1, label_2. Now the trained
+    model's names (the one predict uses), else a dataset.json beside the folders (the Decathlon's format too)."""
+    monkeypatch.setenv("MLOPS_DATA_DIR", str(tmp_path / "empty"))  # nothing prepared here
+    labels_ts = synth_task.with_name(synth_task.name + "_labelsTs")
+    args = ["evaluate", "--pred", str(labels_ts), "--ref", str(labels_ts), "--json"]
+    result = cli.invoke(app, [*args, f"paths.reports={tmp_path}", f"predict.model_dir={trained_synth.model_dir}"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / f"evaluate_{labels_ts.name}_vs_{labels_ts.name}.json").read_text())
+    assert set(report["mean"]) == {"Anterior", "Posterior"}
+    ref = tmp_path / "task" / "labelsTs"
+    shutil.copytree(labels_ts, ref)
+    shutil.copy(synth_task / "dataset.json", ref.parent)  # the Decathlon's dataset.json beside the labels
+    result = cli.invoke(app, ["evaluate", "--pred", str(labels_ts), "--ref", str(ref), f"paths.reports={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / f"evaluate_{labels_ts.name}_vs_labelsTs.json").read_text())
+    assert set(report["mean"]) == {"Anterior", "Posterior"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mlops.inference import Segmenter
 from mlops.palette import colour, palette
 from mlops.preview import centre_of_mass
 
@@ -97,6 +99,24 @@ def test_info_describes_the_model(served: Served, trained_synth: TrainedModel) -
     assert info["training_dice"]["foreground_mean"] == round(summary["foreground_mean"]["Dice"], 4)
     assert info["versions"] == {"mlops": "0.1.0", "nnunetv2": version("nnunetv2"), "torch": version("torch")}
     assert info["device"] == "cpu" and info["backend"] in ("torch", "openvino") and info["precision"] == "fp32"
+    assert info["warnings"] == []
+
+
+def test_info_carries_the_near_zero_dice_warning(trained_synth: TrainedModel, tmp_path: Path) -> None:
+    """Was: the page never showed the warning the CLI prints for a label with validation Dice near zero. /info now
+    carries it and the page shows it above everything (#model-warning; hidden for a good model in the page test)."""
+    from mlops.service.info import model_info
+
+    model = tmp_path / trained_synth.model_dir.name
+    shutil.copytree(trained_synth.model_dir, model, ignore=shutil.ignore_patterns("wandb", "*.log"))
+    summary = model / "fold_0" / "validation" / "summary.json"
+    data = json.loads(summary.read_text())
+    for row in data["metric_per_case"]:
+        row["metrics"]["2"]["Dice"] = 0.0
+    summary.write_text(json.dumps(data))
+    segmenter = Segmenter(model, device="cpu")
+    (warning,) = model_info(segmenter)["warnings"]
+    assert "fold 0" in warning and "Posterior 0.000" in warning
 
 
 def test_json_form_and_image_field(served: Served, synth_task: Path) -> None:
@@ -216,6 +236,9 @@ def check_page(url: str, scan: Path, tmp: Path) -> dict:
         )
         b.wait_for("document.body.dataset.state === 'idle'", 30)
         legend = b.evaluate("[...document.querySelectorAll('#legend li')].map(li => li.textContent)")
+        warning = b.evaluate("(w => w.hidden ? null : w.textContent)(document.getElementById('model-warning'))")
+        viewer_opts = b.evaluate("[state.nv.opts.multiplanarLayout, state.nv.opts.crosshairWidthUnit,"
+                                 " state.nv.opts.crosshairWidth]")  # fmt: skip
         b.set_files("#file-input", [scan])
         finished = "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"
         state = b.wait_for(finished, 180)
@@ -251,6 +274,7 @@ def check_page(url: str, scan: Path, tmp: Path) -> dict:
             "legend": legend, "volumes": volumes, "shown_ml": shown_ml, "download": download, "screenshot": shot,
             "canvas": tuple(rect), "docs_paths": paths.split(), "docs": docs, "requested": b.requested_urls(),
             "errors": errors, "error_text": error_text, "centre": [int(c) for c in centre.split(",") if c],
+            "warning": warning, "viewer_opts": viewer_opts,
         }  # fmt: skip
 
 
@@ -268,6 +292,10 @@ def predicted(srv: Served, scan: Path) -> tuple[np.ndarray, dict[str, float]]:
 
 def assert_page(result: dict, seg: np.ndarray, api_volumes: dict[str, float]) -> None:
     assert result["legend"] == ["1 Anterior", "2 Posterior"]
+    assert result["warning"] is None  # this model learned both labels: no near-zero Dice warning shown
+    # A 2 x 2 grid keeps every pane whole at any window shape (the axial pane was cut at 1400x1000); a hairline
+    # crosshair in mm (NiiVue's default, 1 voxel, drew 12 px white bars over a small scan).
+    assert result["viewer_opts"] == [2, "mm", 0.25], result["viewer_opts"]
     assert result["volumes"] == api_volumes  # the DOM shows the API's numbers
     assert result["shown_ml"] == [f"{v / 1000:.3f}" for v in api_volumes.values()]
     assert result["download"][0].endswith("_seg.nii.gz") and result["download"][1].startswith("blob:")

@@ -126,6 +126,7 @@ def test_resume_continues_epochs_and_logs(private_synth: Workspace) -> None:
     assert ckpt["current_epoch"] == 2
     assert len(ckpt["logging"]["train_losses"]) == 2  # nnU-Net's own log continued, not restarted
     assert "Resuming from checkpoint_final.pth at epoch 1/2" in second.stderr
+    assert "resumed at" not in first.stdout and "2 (resumed at 1)" in second.stdout  # was "1 (resumed at 0)" fresh
     log = (fold / "mlops_train.log").read_text()
     assert "Epoch 1/1" in log and "Epoch 2/2" in log
 

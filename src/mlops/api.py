@@ -13,6 +13,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops import __version__
 from mlops.errors import Cancelled, MlopsError
+from mlops.logs import client_text
 from mlops.monitoring.live import LiveMonitor
 from mlops.monitoring.report import render as render_report
 from mlops.monitoring.signals import SIGNAL_COLUMNS, observe, volume_signals
@@ -190,7 +192,9 @@ class Guard:
             else:
                 await self.app(scope, self._bounded(receive), send_observed)
         except Exception:  # last resort: never let one request take the server down (no locals: no voxel data)
-            logger.opt(exception=True).error(f"unhandled error on {scope['method']} {scope['path']}")
+            logger.opt(exception=True).error(
+                f"unhandled error on {client_text(scope['method'], 20)} {client_text(scope['path'])}"
+            )
             if not started[0]:
                 await _json(send_observed, 500, "internal server error")
         finally:
@@ -263,7 +267,8 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.segmenter = (segmenter_factory or default_factory)()
-        app.state.budget = Budget(ModelGrid.of(app.state.segmenter), max_request_bytes)
+        max_passes = int(serve.max_passes) if serve.get("max_passes") else None
+        app.state.budget = Budget(ModelGrid.of(app.state.segmenter), max_request_bytes, max_passes)
         app.state.monitor = LiveMonitor(cfg, app.state.segmenter)
         for name in app.state.segmenter.labels.values():
             if name != "background":
@@ -293,11 +298,11 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
     )
     install_service(app, cfg)  # the page, /docs, /redoc, /info, CORS, bearer token, access log
 
-    @app.get("/health", summary="Liveness: the process answers")
+    @app.api_route("/health", methods=["GET", "HEAD"], summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="Readiness: the model is loaded and warm")
+    @app.api_route("/ready", methods=["GET", "HEAD"], summary="Readiness: the model is loaded and warm")
     async def ready(request: Request) -> JSONResponse:
         seg = getattr(request.app.state, "segmenter", None)
         if seg is None:
@@ -305,7 +310,7 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         return JSONResponse(
             {
                 "ready": True,
-                "model": str(seg.model_dir),
+                "model": seg.model_dir.name,  # open to probes without a token: no absolute path
                 "folds": [str(f) for f in seg.folds],
                 "device": str(seg.device),
                 "backend": seg.backend,
@@ -358,6 +363,7 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         gone = threading.Event()
         deadline = time.monotonic() + timeout_s
         name = file.filename or "upload"
+        rid = uuid.uuid4().hex[:8]  # names the request in logs: an upload's file name can identify a patient
         try:
             if not is_nifti_name(name):
                 raise InputError(f"{name}: expected a .nii or .nii.gz file", 400)
@@ -380,7 +386,7 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
                 await asyncio.wait({work}, timeout=0.5)
                 if not gone.is_set() and not work.done() and await request.is_disconnected():
                     gone.set()
-                    logger.info(f"{name}: client disconnected; cancelling its prediction")
+                    logger.info(f"request {rid}: client disconnected; cancelling its prediction")
             body, volumes, signals = work.result()
             metrics.inference.observe(time.perf_counter() - t0)
             metrics.observe_signals(signals)
@@ -391,12 +397,12 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
                 return Response(status_code=499)  # nginx's "client closed request": nobody reads it
             if drain.expired:
                 raise HTTPException(503, "the service is shutting down; retry", {"Retry-After": "1"}) from None
-            logger.warning(f"{name}: cancelled at the time limit of {timeout_s:g} s")
+            logger.warning(f"request {rid}: cancelled at the time limit of {timeout_s:g} s")
             raise HTTPException(
                 503, f"prediction exceeded the time limit of {timeout_s:g} s (serve.timeout_s)"
             ) from None
         except MlopsError as exc:
-            logger.error(f"prediction of {name} failed: {exc}")
+            logger.error(f"request {rid}: prediction failed: {client_text(str(exc).replace(name, '<upload>'), 500)}")
             raise HTTPException(500, f"prediction failed: {exc}") from None
         finally:
             await file.close()

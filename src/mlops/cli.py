@@ -38,7 +38,12 @@ out = Console()
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
-OVERRIDES_HELP = "Hydra overrides key=value, e.g. dataset.id=621 prepare.num_workers=4."
+
+def overrides_help(example: str) -> str:
+    return f"Hydra overrides key=value of configs/, e.g. {example}."
+
+
+OVERRIDES_HELP = overrides_help("dataset.id=621")
 DATASET_HELP = "Dataset as nnU-Net takes it: id (4), folder (Dataset004_Hippocampus), name or config group (synthetic)."
 DEVICE_HELP = "auto, cuda, cpu or mps (-D: -d is the dataset, as in nnU-Net)"
 
@@ -82,9 +87,10 @@ def handle_errors(fn: F) -> F:
 
 
 def split_args(args: list[str] | None, max_positional: int = 1) -> tuple[list[str], list[str]]:
-    """Separate positional arguments from trailing ``key=value`` overrides."""
-    positional = [a for a in args or [] if "=" not in a]
-    overrides = [a for a in args or [] if "=" in a]
+    """Separate positional arguments from trailing ``key=value`` overrides. A path that exists is a path, even with
+    an ``=`` in its name (``run=1/a=b.nii.gz``); anything else with an ``=`` is an override."""
+    positional = [a for a in args or [] if "=" not in a or Path(a).exists()]
+    overrides = [a for a in args or [] if "=" in a and not Path(a).exists()]
     if len(positional) > max_positional:
         raise ConfigError(f"unexpected argument(s) {positional[max_positional:]}; overrides look like key=value")
     return positional, overrides
@@ -118,7 +124,9 @@ def _override_value(value: Any) -> str:
 @handle_errors
 def synth(
     args: list[str] = typer.Argument(
-        None, metavar="[OUT] [OVERRIDES]...", help="Output task folder; " + OVERRIDES_HELP
+        None,
+        metavar="[OUT] [OVERRIDES]...",
+        help="Output task folder; " + overrides_help("synth.num_train=32 synth.seed=1"),
     ),
     num_train: int = typer.Option(None, "--train", help="Training cases (default: synth.num_train)."),
     num_test: int = typer.Option(None, "--test", help="Test cases (default: synth.num_test)."),
@@ -151,7 +159,7 @@ def synth(
 @app.command()
 @handle_errors
 def download(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=overrides_help("download.timeout_s=120")),
     url: str = typer.Option(None, "--url", help="Archive URL (default: dataset.url)."),
     dest: Path = typer.Option(None, "--dest", help="Where to save it (default: dataset.source)."),
 ) -> None:
@@ -179,7 +187,8 @@ def prepare(
     args: list[str] = typer.Argument(
         None,
         metavar="[SOURCE] [OVERRIDES]...",
-        help="Decathlon task folder or .tar (default: dataset.source); " + OVERRIDES_HELP,
+        help="Decathlon task folder or .tar (default: dataset.source); "
+        + overrides_help("dataset.id=621 prepare.num_workers=4"),
     ),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     force: bool = typer.Option(False, "--force", help="Redo conversion and preprocessing even if up to date."),
@@ -224,7 +233,9 @@ def prepare(
 @app.command()
 @handle_errors
 def train(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    args: list[str] = typer.Argument(
+        None, metavar="[OVERRIDES]...", help=overrides_help("train.epochs=5 wandb.mode=disabled")
+    ),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     fold: str = typer.Option(
         None, "--fold", "-f", help="0-4, all, or a list (0,1,2 / 0-4), trained one after another (default: train.fold)."
@@ -256,7 +267,8 @@ def train(
         table = Table(title=f"{result.dataset} fold {f}", show_header=False, title_justify="left")
         table.add_column(overflow="fold")
         table.add_column(overflow="fold")
-        table.add_row("epochs", f"{result.epochs_completed} (resumed at {result.resumed_from_epoch})")
+        resumed = f" (resumed at {result.resumed_from_epoch})" if result.resumed_from_epoch else ""
+        table.add_row("epochs", f"{result.epochs_completed}{resumed}")
         table.add_row("iterations run", str(result.iterations_run))
         table.add_row("checkpoint", str(result.checkpoint))
         if result.validation is not None:
@@ -294,7 +306,7 @@ def resume_command(
 @app.command()
 @handle_errors
 def validate(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=overrides_help("train=cpu")),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     fold: str = typer.Option(None, "--fold", "-f", help="Trained fold(s): 0-4, all, or a list 0,1 (train.fold)."),
     configuration: str = typer.Option(None, "--configuration", "-c", help="2d, 3d_fullres, ... (train.configuration)."),
@@ -324,7 +336,9 @@ def validate(
 @app.command("find-best")
 @handle_errors
 def find_best(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    args: list[str] = typer.Argument(
+        None, metavar="[OVERRIDES]...", help=overrides_help("train.configuration=3d_fullres")
+    ),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     configurations: str = typer.Option(
         None, "--configurations", "-c", help="Comma-separated configurations (default: every trained one)."
@@ -360,10 +374,35 @@ def find_best(
     out.print(f"Inference instructions: {choice.instructions}; `mlops predict` and `mlops serve` now use this choice")
 
 
+def _label_names(cfg: Any, pred: Path, ref: Path) -> dict[int, str] | None:
+    """Label names for `evaluate --pred --ref`: the prepared dataset's, else the trained model's (the one predict
+    uses), else a dataset.json beside either folder; label values (label_1, ...) only when none is found."""
+    from mlops import evaluate as ev
+    from mlops.predict import model_dir
+    from mlops.train import prepared_dataset
+
+    def prepared() -> Path:
+        return prepared_dataset(cfg)[1] / "dataset.json"
+
+    def model() -> Path:
+        return model_dir(cfg) / "dataset.json"
+
+    for where in (prepared, model, lambda: ref.parent / "dataset.json", lambda: pred.parent / "dataset.json"):
+        try:
+            path = where()
+            if path.is_file():
+                logger.info(f"Label names from {path}")
+                return ev.labels_from_dataset_json(path)
+        except MlopsError:
+            continue
+    logger.warning("no dataset.json found for label names (prepare the dataset or pass -d); using label values")
+    return None
+
+
 @app.command()
 @handle_errors
 def evaluate(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=overrides_help("evaluate.output_dir=out")),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     fold: str = typer.Option(None, "--fold", "-f", help="Score this fold's nnU-Net validation (default: train.fold)."),
     pred: Path = typer.Option(None, "--pred", help="Folder of predicted segmentations (with --ref)."),
@@ -382,13 +421,7 @@ def evaluate(
         raise ConfigError("--pred and --ref go together")
     export_paths(cfg)
     if pred is not None:
-        labels = None
-        try:
-            _, pre_dir = prepared_dataset(cfg)
-            labels = ev.labels_from_dataset_json(pre_dir / "dataset.json")
-        except MlopsError:
-            logger.debug("no prepared dataset for label names; using label values")
-        report = ev.score_folders(pred, ref, labels, hd95=hd95)
+        report = ev.score_folders(pred, ref, _label_names(cfg, pred, ref), hd95=hd95)
         path = ev.write_report(report, Path(cfg.evaluate.output_dir), f"evaluate_{pred.name}_vs_{ref.name}")
     else:
         identity, pre_dir = prepared_dataset(cfg)
@@ -418,11 +451,24 @@ def evaluate(
     out.print(f"Foreground mean Dice {fmt(report.foreground_mean)}; report written to {path}")
 
 
+def model_choice(model: Path | None, folds: str | None) -> dict[str, str]:
+    """``--folds`` as overrides (predict, serve); a model or folds chosen by hand turn find-best's choice off."""
+    extra = {}
+    if folds is not None:
+        extra["predict.folds"] = "null" if folds == "auto" else "[" + folds + "]"
+    if folds is not None or model is not None:
+        extra["predict.best"] = "false"
+    return extra
+
+
 @app.command()
 @handle_errors
 def predict(
     args: list[str] = typer.Argument(
-        None, metavar="INPUT [OVERRIDES]...", help="A .nii/.nii.gz file or a folder of them; " + OVERRIDES_HELP
+        None,
+        metavar="INPUT [OVERRIDES]...",
+        help="A .nii/.nii.gz file or a folder of them; "
+        + overrides_help("predict.backend=openvino predict.max_batch=4"),
     ),
     output: Path = typer.Option(None, "--output", "-o", help="Output file (file input) or folder (folder input)."),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
@@ -447,10 +493,7 @@ def predict(
     if not positional:
         raise ConfigError("missing INPUT: a .nii/.nii.gz file or a folder of them")
     extra: dict[str, Any] = {"predict.device": device, "predict.tta": False if no_tta else None}
-    if folds is not None:
-        extra["predict.folds"] = "null" if folds == "auto" else "[" + folds + "]"
-    if folds is not None or model is not None:
-        extra["predict.best"] = "false"  # a model or folds chosen by hand: find-best's choice does not apply
+    extra.update(model_choice(model, folds))
     overrides = with_dataset(overrides, dataset)
     cfg = load_config([*overrides, *(f"{k}={v}" for k, v in extra.items() if v is not None)])
     results = run_predict(cfg, Path(positional[0]), output, model, save_probabilities=save_probabilities)
@@ -494,7 +537,8 @@ def batch(
     args: list[str] = typer.Argument(
         None,
         metavar="SOURCE [OVERRIDES]...",
-        help="Folder or fsspec prefix (gs://...) of NIfTI files, or a CSV/Parquet manifest; " + OVERRIDES_HELP,
+        help="Folder or fsspec prefix (gs://...) of NIfTI files, or a CSV/Parquet manifest; "
+        + overrides_help("batch.actors=4 predict.tta=false"),
     ),
     output: str = typer.Option(..., "--output", "-o", help="Output folder or fsspec prefix (gs://...)."),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
@@ -559,7 +603,7 @@ def batch(
 @app.command()
 @handle_errors
 def export(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=overrides_help("predict.device=cpu")),
     model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds (default: every trained fold)."),
@@ -621,8 +665,12 @@ def export(
 @app.command()
 @handle_errors
 def serve(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    args: list[str] = typer.Argument(
+        None, metavar="[OVERRIDES]...", help=overrides_help("serve.max_in_flight=4 predict.tta=false")
+    ),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
+    folds: str = typer.Option(None, "--folds", help="Comma-separated folds to ensemble, or 'auto' for all trained."),
     host: str = typer.Option(None, "--host", help="Interface (default: serve.host)."),
     port: int = typer.Option(None, "--port", help="Port (default: $PORT, else serve.port)."),
 ) -> None:
@@ -630,13 +678,19 @@ def serve(
     import sys
 
     from mlops.api import create_app, run_server
+    from mlops.predict import load_segmenter, model_dir
 
     # The service never tracks to W&B; nnU-Net's logger imports wandb only to offer it, and importing wandb makes two
     # temporary folders (wandb-media, wandb-artifacts) that a killed container leaves behind. None: ImportError.
     sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
     _, overrides = split_args(args, max_positional=0)
-    cfg = compose(with_dataset(overrides, dataset), **{"serve.host": host, "serve.port": port})
-    app_ = create_app(cfg)
+    choice = [f"{k}={v}" for k, v in model_choice(model, folds).items()]
+    cfg = compose([*with_dataset(overrides, dataset), *choice], **{"serve.host": host, "serve.port": port})
+    factory = None
+    if not cfg.serve.get("model_uri"):  # load here, not in uvicorn's start-up: no model is an error line and exit 1
+        segmenter = load_segmenter(cfg, model_dir(cfg, model))
+        factory = lambda: segmenter  # noqa: E731
+    app_ = create_app(cfg, segmenter_factory=factory)
     intercept_stdlib_logging()
     run_server(app_, cfg)
 
@@ -645,7 +699,10 @@ def serve(
 @handle_errors
 def drift(
     args: list[str] = typer.Argument(
-        None, metavar="[SOURCE] [OVERRIDES]...", help="Decathlon task or nnU-Net raw dataset folder; " + OVERRIDES_HELP
+        None,
+        metavar="[SOURCE] [OVERRIDES]...",
+        help="Decathlon task or nnU-Net raw dataset folder; "
+        + overrides_help("drift.max_drift_share=0.2 monitor.min_samples=30"),
     ),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     current: str = typer.Option(None, "--current", help="test (the task's test images) or requests (served volumes)."),

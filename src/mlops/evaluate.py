@@ -218,10 +218,13 @@ def write_report(report: DiceReport, out_dir: Path, stem: str) -> Path:
 
 
 def labels_from_dataset_json(path: Path) -> dict[int, str]:
-    """nnU-Net dataset.json ``labels`` (name -> int) as value -> name; region-based labels are not supported here."""
+    """dataset.json ``labels`` as value -> name: nnU-Net v2's (name -> int) or the Decathlon's ("1" -> name).
+    Region-based labels are not supported here."""
     raw = json.loads(path.read_text())["labels"]
     out: dict[int, str] = {}
     for name, value in raw.items():
+        if isinstance(value, str) and name.isdigit():  # the Decathlon's own dataset.json
+            name, value = value, int(name)
         if not isinstance(value, int):
             raise DatasetError(f"{path}: region-based label {name}={value} is not supported by mlops evaluate")
         out[value] = name

@@ -18,6 +18,13 @@ def _to_console(message: str) -> None:
     stderr_console.print(Text.from_ansi(message.rstrip("\n")), soft_wrap=True, highlight=False)
 
 
+def client_text(text: str, limit: int = 200) -> str:
+    """Text a client sent (a URL path, a header), made safe for one log line: control characters (a newline that
+    would forge a second line, ANSI escapes) are shown escaped, and it is cut at ``limit`` characters."""
+    safe = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
+    return safe if len(text) <= limit else safe[:limit] + "..."
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Route logs to stderr: INFO by default, DEBUG with --verbose. Stdout stays free for results (tables, JSON)."""
     logger.remove()

@@ -22,6 +22,7 @@ from mlops.errors import ConfigError, MlopsError, PipelineError
 from mlops.inference import Segmenter
 from mlops.inference.segmenter import Prepared
 from mlops.monitoring.signals import observe, volume_signals
+from mlops.outputs import check_collisions, check_output_file, check_output_folder
 from mlops.progress import track
 from mlops.volumes import (
     CHANNEL_ANY,
@@ -263,7 +264,8 @@ def write_case(
         seg = segmenter.finish(case.prepared, logits)
     out = segmentation_like(seg, case.image)
     case.dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = case.dst.with_name(f".{case.dst.name}.part.nii.gz")
+    suffix = ".nii" if case.dst.name.lower().endswith(".nii") else ".nii.gz"  # nibabel compresses by the suffix
+    tmp = case.dst.with_name(f".{case.dst.name}.part{suffix}")
     try:
         nib.save(out, tmp)
         tmp.replace(case.dst)
@@ -274,6 +276,9 @@ def write_case(
         case.src, case.dst, tuple(seg.shape), volumes, time.perf_counter() - case.started, dict(segmenter.labels),
         segmenter.model_dir.name, [str(f) for f in segmenter.folds], {**(signals or {}), **volume_signals(volumes)},
     )  # fmt: skip
+
+
+COLLISION_HINT = "\nRename those files, or segment them from separate folders."
 
 
 def predict(
@@ -296,12 +301,13 @@ def predict(
         if not inputs:
             raise InputError(f"{source}: no .nii or .nii.gz files", 400)
         out_dir = output or source.with_name(source.name + "_seg")
-        if out_dir.resolve() == source.resolve():
-            raise InputError(f"{out_dir}: the output folder must differ from the input folder", 400)
+        check_output_folder(out_dir, source)
         targets = [(p, out_dir / output_name(p)) for p in inputs]
+        check_collisions(((str(p), str(d)) for p, d in targets), COLLISION_HINT)
     else:
         default = source.with_name(output_name(source).replace(".nii.gz", "_seg.nii.gz"))
         targets = [(source, output or default)]
+        check_output_file(targets[0][1], [source])
     segmenter = load_segmenter(cfg, model_dir(cfg, model))
     max_voxels = int(cfg.predict.max_voxels) if cfg.predict.get("max_voxels") else None
     budget = None
@@ -313,11 +319,13 @@ def predict(
             firsts, groups = group_channels([p for p, _ in targets], segmenter.num_channels)
             out_dir = targets[0][1].parent
             targets = [(p, out_dir / output_name(p)) for p in firsts]
+            check_collisions(((str(p), str(d)) for p, d in targets), COLLISION_HINT)
         elif CHANNEL_SUFFIX.search(source.name):  # case_0000.nii.gz given: its sibling channels belong to it
             prefix = CHANNEL_SUFFIX.sub("", source.name)
             siblings = [p for p in source.parent.iterdir() if CHANNEL_ANY.search(p.name)
                         and p.name[: CHANNEL_ANY.search(p.name).start()] == prefix]  # fmt: skip
             _, groups = group_channels(sorted(siblings), segmenter.num_channels)
+            check_output_file(targets[0][1], [source, *groups.get(source, [])])
     member_mib = float(cfg.monitor.max_member_mib)
     if len(targets) == 1:
         case = load_case(segmenter, *targets[0], max_voxels, budget, groups.get(targets[0][0]))

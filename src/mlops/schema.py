@@ -108,6 +108,7 @@ class Serve(_Section):
     max_voxels: int = PositiveInt
     max_in_flight: int = PositiveInt
     max_request_mib: float = Field(gt=0)
+    max_passes: int | None = Field(default=None, gt=0)
     timeout_s: float = Field(gt=0)
     upload_timeout_s: float = Field(gt=0)
     shutdown_grace_s: float = Field(ge=0)
@@ -156,6 +157,7 @@ class Batch(_Section):
     case_column: str
     model_cache: str
     force: bool
+    list_timeout_s: float = Field(default=20, gt=0)
 
 
 class Config(_Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -81,11 +82,24 @@ class ModelGrid:
     patch_size: tuple[int, int, int]
     num_channels: int
     num_classes: int  # background included
+    passes_per_tile: int = 1  # network passes over one tile: mirrored passes (if mirroring may be asked) x folds
+    tile_step_size: float = 0.5
 
     @classmethod
     def of(cls, segmenter: object) -> ModelGrid:
         s: Any = segmenter
-        return cls(tuple(s.target_spacing), tuple(s.patch_size), int(s.num_channels), max(2, len(s.labels)))
+        mirrors = 2 ** len(s.model.mirror_axes or ()) if hasattr(s, "model") else 1
+        passes = mirrors * max(1, len(getattr(s, "folds", ()) or ()))
+        step = float(getattr(s, "tile_step_size", 0.5))
+        return cls(tuple(s.target_spacing), tuple(s.patch_size), int(s.num_channels), max(2, len(s.labels)), passes,
+                   step)  # fmt: skip
+
+    def tiles(self, resampled: tuple[int, ...]) -> int:
+        """Sliding-window tiles over a volume of ``resampled`` voxels at this grid (nnU-Net's step rule)."""
+        count = 1
+        for n, p in zip(resampled, self.patch_size, strict=False):
+            count *= math.ceil((n - p) / (p * self.tile_step_size)) + 1 if n > p else 1
+        return count
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,7 @@ class Budget:
 
     grid: ModelGrid
     max_bytes: int
+    max_passes: int | None = None
 
     def resampled_shape(self, shape: tuple[int, ...], zooms: tuple[float, ...]) -> tuple[int, ...]:
         return tuple(round(n * z / t) for n, z, t in zip(shape[:3], zooms[:3], self.grid.target_spacing, strict=False))
@@ -130,6 +145,15 @@ class Budget:
                 f"{name}: {tuple(shape[:3])} voxels of {_fmt_zooms(zooms)} mm are {tuple(resampled)} at the model's "
                 f"{target} mm grid, about {cost / 2**20:,.0f} MiB of working memory, above the limit of "
                 f"{self.max_bytes / 2**20:,.0f} MiB",
+                413,
+            )
+        tiles = self.grid.tiles(resampled)
+        passes = tiles * self.grid.passes_per_tile
+        if self.max_passes is not None and passes > self.max_passes:
+            raise InputError(
+                f"{name}: {tuple(shape[:3])} voxels of {_fmt_zooms(zooms)} mm are {tuple(resampled)} at the model's "
+                f"{target} mm grid: {tiles} tiles x {self.grid.passes_per_tile} passes (mirrors x folds) = {passes:,} "
+                f"network passes, above the limit of {self.max_passes:,} (serve.max_passes)",
                 413,
             )
         return cost

@@ -116,7 +116,8 @@ def run_batch(cfg: DictConfig, source: str, dest: str, model: str | None = None)
     from mlops.predict import model_dir
 
     b = cfg.batch
-    cases = list_cases(source, dest, str(b.path_column), str(b.subject_column), str(b.case_column))
+    cases = list_cases(source, dest, str(b.path_column), str(b.subject_column), str(b.case_column),
+                       float(b.get("list_timeout_s", 20)))  # fmt: skip
     model_uri = model if model and "://" in model else None
     folder = fetch_model(model_uri, Path(b.model_cache)) if model_uri else model_dir(cfg, model and Path(model))
     folder = folder.resolve()

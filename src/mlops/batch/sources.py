@@ -8,16 +8,21 @@ must be unique in a run; a manifest may give them in its case column when file n
 from __future__ import annotations
 
 import posixpath
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mlops.errors import DatasetError
+from mlops.outputs import is_within, safe_case_id, same_or_inside
 from mlops.volumes import is_nifti_name, output_name
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+T = TypeVar("T")
 RECORDS = ".mlops_batch"  # one JSON record per finished case, beside the outputs
 
 
@@ -60,12 +65,16 @@ def list_cases(
     path_column: str = "path",
     subject_column: str = "subject",
     case_column: str = "case",
+    timeout_s: float = 20.0,
 ) -> list[Case]:
-    """Every case of ``source`` (a folder/prefix of NIfTI files, or a manifest) with its output under ``dest``."""
+    """Every case of ``source`` (a folder/prefix of NIfTI files, or a manifest) with its output under ``dest``.
+
+    Listing must answer within ``timeout_s``: an object store that cannot be reached (no network, a missing bucket
+    that its client retries for minutes) is one clear error in seconds, before Ray starts."""
     if is_manifest(source):
-        found = _manifest(source, path_column, subject_column, case_column)
+        found = _bounded(lambda: _manifest(source, path_column, subject_column, case_column), source, timeout_s)
     else:
-        found = _folder(source, dest)
+        found = _bounded(lambda: _folder(source, dest), source, timeout_s)
     dest_fs, dest_root = fsspec.core.url_to_fs(dest)
     dest_root = dest_root.rstrip("/")
     cases: list[Case] = []
@@ -87,7 +96,40 @@ def list_cases(
         )
     if not cases:
         raise DatasetError(f"{source}: nothing to segment (no .nii or .nii.gz files, or an empty manifest)")
+    inputs = {_identity(c.input) for c in cases if c.input}
+    overwritten = [c for c in cases if _identity(c.output) in inputs]
+    if overwritten:
+        shown = ", ".join(f"{c.case} -> {c.output}" for c in overwritten[:10])
+        raise DatasetError(f"{dest}: {len(overwritten)} output(s) would replace input scans ({shown}); choose another")
     return cases
+
+
+def _bounded(work: Callable[[], T], source: str, timeout_s: float) -> T:
+    """``work()`` in a daemon thread; DatasetError if it has not answered within ``timeout_s``."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="mlops-list", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise DatasetError(
+            f"{source}: no answer within {timeout_s:g} s while listing it (no network, a missing bucket, or no "
+            "credentials?); batch.list_timeout_s sets the limit"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _identity(url: str) -> str:
+    """A local path's real path, a URL as it is: what two names of one file have in common."""
+    return url if "://" in url else str(Path(url).resolve())
 
 
 def _folder(source: str, dest: str) -> list[tuple[str, str, str, str | None]]:
@@ -103,8 +145,10 @@ def _folder(source: str, dest: str) -> list[tuple[str, str, str, str | None]]:
     except Exception as exc:  # a bucket we may not read, a bad URL: say which and why
         raise DatasetError(f"{source}: cannot list it ({type(exc).__name__}: {exc})") from exc
     dest_fs, dest_root = fsspec.core.url_to_fs(dest)
-    if type(dest_fs) is type(fs) and dest_root.rstrip("/") == root:
-        raise DatasetError(f"{dest}: the output folder must differ from the input folder")
+    if type(dest_fs) is type(fs) and (
+        is_within(Path(dest_root), Path(root)) if is_local(fs) else same_or_inside(dest_root, root)
+    ):
+        raise DatasetError(f"{dest}: the output folder is, or is inside, the input folder {source}; choose another")
     files = sorted(
         e["name"]
         for e in entries
@@ -140,7 +184,7 @@ def _manifest(
         given_case = _cell(row.get(case_column))
         subject = _cell(row.get(subject_column))
         if not raw:
-            case = given_case or f"row{i + 1}"
+            case = safe_case_id(given_case, f"{source}: row {i + 1}") if given_case else f"row{i + 1}"
             rows.append((case, subject or case, "", f"{source}: row {i + 1} has no {path_column}"))
             continue
         if "://" in raw:
@@ -148,8 +192,15 @@ def _manifest(
         else:
             path = raw if posixpath.isabs(raw) else posixpath.normpath(posixpath.join(base, raw))
             url = url_of(fs, path)
-        case = given_case or case_id(raw)
+            if is_local(fs) and not Path(path).is_file():  # known now: no Ray task needed to find out
+                case = safe_case_id(given_case, f"{source}: row {i + 1}") if given_case else case_id(raw)
+                rows.append((case, subject or case, url, f"{url}: no such file (row {i + 1} of {source})"))
+                continue
+        case = safe_case_id(given_case, f"{source}: row {i + 1}") if given_case else case_id(raw)
         rows.append((case, subject or case, url, None))
+    if rows and all(error for *_, error in rows):
+        shown = "; ".join(error for *_, error in rows[:3] if error)
+        raise DatasetError(f"{source}: none of its {len(rows)} row(s) names a readable file ({shown}, ...)")
     return rows
 
 

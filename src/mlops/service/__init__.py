@@ -8,7 +8,10 @@ internet at run time (the page's NiiVue, Swagger UI and ReDoc are shipped in ``s
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from omegaconf import DictConfig
 
 from mlops.service.access import AccessLog, BearerToken
@@ -22,6 +25,12 @@ EXPOSED_HEADERS = ["X-Label-Volumes-mm3", "X-Inference-Seconds", "X-Output-Signa
 def install(app: FastAPI, cfg: DictConfig) -> None:
     """Add the page, the docs, ``/info`` and the middleware (outermost first: access log, CORS, token)."""
     add_page_routes(app)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 without the offending ``input``: it echoed a whole upload part (2 MB for 1 MB sent)."""
+        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx", "url")} for e in exc.errors()]
+        return JSONResponse(jsonable_encoder({"detail": errors}), status_code=422)
 
     @app.get(
         "/info",

@@ -16,6 +16,8 @@ import time
 from loguru import logger
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlops.logs import client_text
+
 # Open without a token: the page and its assets (it asks for the token itself), the docs, the probes.
 PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/docs", "/redoc", "/openapi.json", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
@@ -29,14 +31,16 @@ class BearerToken:
     """Pure ASGI: 401 with ``WWW-Authenticate: Bearer`` before the app (and before any upload is read)."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app, self._expected = app, f"Bearer {token}".encode()
+        self.app, self._expected = app, token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if hmac.compare_digest(given, self._expected):
+        scheme, _, credentials = given.strip().partition(b" ")
+        # RFC 7235: the scheme name is case-insensitive ("bearer" is "Bearer"); the token itself is not.
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._expected):
             await self.app(scope, receive, send)
             return
         detail = "missing or wrong bearer token: send 'Authorization: Bearer <token>' (serve.api_token)"
@@ -70,6 +74,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_observed)
         finally:
-            # The path only: query values and form fields (the upload's file name) never reach the log.
-            path = scope["path"] if len(scope["path"]) <= 200 else scope["path"][:200] + "..."
-            logger.info(f"{scope['method']} {path} {status[0]} {time.perf_counter() - t0:.3f} s")
+            # The path only: query values and form fields (the upload's file name) never reach the log; the path is
+            # the client's text, escaped so that it cannot forge a log line.
+            path, method = client_text(scope["path"]), client_text(scope["method"], 20)
+            logger.info(f"{method} {path} {status[0]} {time.perf_counter() - t0:.3f} s")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops import __version__
+from mlops.evaluate import model_validation_warnings
 from mlops.palette import palette
 from mlops.volumes import label_names
 
@@ -54,6 +55,8 @@ def model_info(segmenter: Any) -> dict[str, Any]:
         "folds": [str(f) for f in segmenter.folds],
         "configuration": parts[-1] if len(parts) == 3 else None,
         "training_dice": training_dice(model_dir, list(segmenter.folds)),
+        # The CLI's warning when a label's validation Dice is near zero: the page shows it too.
+        "warnings": model_validation_warnings(model_dir, list(segmenter.folds)),
         "versions": {"mlops": __version__, "nnunetv2": _version("nnunetv2"), "torch": _version("torch")},
         "device": str(segmenter.device),
         "backend": segmenter.backend,

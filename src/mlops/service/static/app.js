@@ -75,6 +75,9 @@ async function loadInfo() {
   const dice = info.training_dice ? ` · validation Dice ${info.training_dice.foreground_mean.toFixed(3)}` : "";
   $("model").textContent = `${info.dataset} · ${info.configuration || info.model} · folds ${info.folds.join(", ")} · ` +
     `${info.device} (${info.backend}, ${info.precision})${dice}`;
+  const warnings = info.warnings || [];
+  $("model-warning").textContent = warnings.map((w) => `Warning: ${w}`).join("\n");
+  $("model-warning").hidden = warnings.length === 0;
   const legend = $("legend");
   legend.replaceChildren();
   for (const [id, name] of Object.entries(info.labels)) {
@@ -107,6 +110,9 @@ async function initViewer() {
     backColor: [0.08, 0.086, 0.11, 1],
     show3Dcrosshair: true,
     crosshairColor: [1, 1, 1, 0.45], // white, see-through: never mistaken for a label colour
+    crosshairWidth: 0.25, // mm: a hairline; NiiVue's default (1 voxel) is a 12 px bar on a small scan
+    crosshairWidthUnit: "mm",
+    multiplanarLayout: niivue.MULTIPLANAR_TYPE.GRID, // 2 x 2 panes: every pane whole at any window shape
     isColorbar: false,
     multiplanarShowRender: niivue.SHOW_RENDER.ALWAYS,
     dragAndDropEnabled: false,
