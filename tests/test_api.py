@@ -189,6 +189,7 @@ def test_metrics_and_no_temp_files(server: Server, synth_task: Path) -> None:
 
 
 @pytest.mark.real_data
+@pytest.mark.slow  # a real-scan sweep: the slow tier
 def test_real_hippocampus_cases(server: Server, trained_synth: TrainedModel, tmp_path: Path) -> None:
     if not HIPPOCAMPUS.is_dir():
         pytest.skip(f"real data absent: {HIPPOCAMPUS}")

@@ -82,6 +82,7 @@ def test_predict_folder_matches_per_file(trained_synth: TrainedModel, synth_task
 
 
 @pytest.mark.real_data
+@pytest.mark.slow  # a real-scan sweep: the slow tier
 def test_geometry_preserved_on_odd_scans(trained_synth: TrainedModel, tmp_path: Path) -> None:
     """Non-RAS, anisotropic, int16 and sform-only scans: the hippocampus-like model is wrong for them, but the
     segmentation must land exactly on the input's voxel grid, and nothing may crash."""

@@ -34,11 +34,13 @@ def test_prepare_runs_nnunet_planning_and_preprocessing(prepared_synth: Workspac
     assert saved["paths"]["raw"] == str(prepared_synth.raw)
 
 
-def test_second_run_is_up_to_date(prepared_synth: Workspace, synth_task: Path) -> None:
-    plans = prepared_synth.preprocessed / "Dataset500_Synthetic" / "nnUNetPlans.json"
+def test_second_run_is_up_to_date(private_synth: Workspace, synth_task: Path) -> None:
+    """A second `mlops prepare` of the same task (here on a copy of the cached preparation: it rewrites its saved
+    configuration) does no nnU-Net work and changes nothing nnU-Net reads."""
+    plans = private_synth.preprocessed / "Dataset500_Synthetic" / "nnUNetPlans.json"
     mtime = plans.stat().st_mtime_ns
     t0 = time.perf_counter()
-    proc = run_mlops("prepare", str(synth_task), env=prepared_synth.env())
+    proc = run_mlops("prepare", str(synth_task), env=private_synth.env())
     assert proc.returncode == 0, proc.stderr
     assert "is up to date" in proc.stdout
     assert time.perf_counter() - t0 < 30  # generous: no nnU-Net work, only process start-up

@@ -18,6 +18,7 @@ from .conftest import TrainedModel, Workspace, run_mlops
 pytestmark = pytest.mark.real_data
 
 
+@pytest.mark.slow  # a real-scan sweep: the slow tier
 def test_prepare_real_hippocampus(hippocampus: Path, workspace: Workspace) -> None:
     proc = run_mlops("prepare", str(hippocampus), env=workspace.env())
     assert proc.returncode == 0, proc.stderr
