@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mlops.errors import DatasetError, MlopsError
+from mlops.volumes import is_nifti_name
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # A case id names one file in the output folder: one path component, no separators or control characters, not
 # starting with a dot (no '.', '..' or hidden names), at most 200 characters.
 SAFE_CASE = re.compile(r"[^/\\\x00-\x1f.][^/\\\x00-\x1f]{0,199}")
@@ -46,7 +46,7 @@ def check_output_file(dst: Path, inputs: Iterable[Path]) -> None:
             raise OutputError(f"{dst}: this is the input scan; the segmentation would replace it (choose another -o)")
     if dst.is_dir():
         raise OutputError(f"{dst}: is a folder; give a file name such as {dst / 'case_seg.nii.gz'}")
-    if not dst.name.lower().endswith(NIFTI_SUFFIXES):
+    if not is_nifti_name(dst.name):
         raise OutputError(f"{dst}: an output file must end in .nii.gz (compressed) or .nii")
     _check_writable_parent(dst)
 

@@ -18,7 +18,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mlops.errors import DatasetError
-from mlops.outputs import is_within, safe_case_id, same_or_inside
+from mlops.outputs import is_within, real, safe_case_id, same_or_inside
 from mlops.volumes import is_nifti_name, output_name
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -129,7 +129,7 @@ def _bounded(work: Callable[[], T], source: str, timeout_s: float) -> T:
 
 def _identity(url: str) -> str:
     """A local path's real path, a URL as it is: what two names of one file have in common."""
-    return url if "://" in url else str(Path(url).resolve())
+    return url if "://" in url else str(real(Path(url)))
 
 
 def _folder(source: str, dest: str) -> list[tuple[str, str, str, str | None]]:
@@ -183,9 +183,10 @@ def _manifest(
         raw = _cell(row.get(path_column))
         given_case = _cell(row.get(case_column))
         subject = _cell(row.get(subject_column))
+        where = f"{source}: row {i + 1}"
+        case = safe_case_id(given_case, where) if given_case else (case_id(raw) if raw else f"row{i + 1}")
         if not raw:
-            case = safe_case_id(given_case, f"{source}: row {i + 1}") if given_case else f"row{i + 1}"
-            rows.append((case, subject or case, "", f"{source}: row {i + 1} has no {path_column}"))
+            rows.append((case, subject or case, "", f"{where} has no {path_column}"))
             continue
         if "://" in raw:
             url = raw
@@ -193,10 +194,8 @@ def _manifest(
             path = raw if posixpath.isabs(raw) else posixpath.normpath(posixpath.join(base, raw))
             url = url_of(fs, path)
             if is_local(fs) and not Path(path).is_file():  # known now: no Ray task needed to find out
-                case = safe_case_id(given_case, f"{source}: row {i + 1}") if given_case else case_id(raw)
                 rows.append((case, subject or case, url, f"{url}: no such file (row {i + 1} of {source})"))
                 continue
-        case = safe_case_id(given_case, f"{source}: row {i + 1}") if given_case else case_id(raw)
         rows.append((case, subject or case, url, None))
     if rows and all(error for *_, error in rows):
         shown = "; ".join(error for *_, error in rows[:3] if error)
