@@ -60,3 +60,31 @@ def test_fork_pool_inside_a_command_ends() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_sigterm_inside_a_finalizer_stops_the_command_right_after_it() -> None:
+    """CI repro: SIGTERM landed in nibabel's ``OrderedSet.__del__`` during `mlops prepare`. Python drops exceptions
+    raised in finalizers and printed "Exception ignored ... Traceback"; the command must stop just after the
+    finalizer instead, quietly, and never run on to its end."""
+    script = (
+        "import gc, os, signal, time\n"
+        "from mlops.interrupts import sigterm_as_interrupt\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        sum(range(100000))  # the handler runs here, inside the finalizer\n"
+        "try:\n"
+        "    with sigterm_as_interrupt():\n"
+        "        f = Finalized(); del f\n"
+        "        print('after the finalizer', flush=True)\n"
+        "        time.sleep(5)\n"
+        "        print('carried on', flush=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["after", "the", "finalizer", "interrupted"]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 5, "the interrupt waited for the sleep to end"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,14 +73,38 @@ def sigterm_as_interrupt() -> Iterator[None]:
         received.append(signum)
         raise KeyboardInterrupt
 
+    previous_hook = sys.unraisablehook
+
+    timers: list[threading.Timer] = []
+
+    def unraisable(info: sys.UnraisableHookArgs) -> None:
+        """Our KeyboardInterrupt raised inside a finalizer: deliver the signal again just after it, without noise.
+
+        Python drops an exception raised while it runs a finalizer (``__del__``, a weakref callback) and prints
+        "Exception ignored ... Traceback" on stderr. A timer thread sends SIGTERM again a moment later, so the handler
+        runs in ordinary code and the command stops there, as it would have without the finalizer. (Sending it from
+        here would run the handler inside this hook, where the exception is dropped once more.)
+        """
+        if received and info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            timer = threading.Timer(0.01, os.kill, (main_pid, signal.SIGTERM))
+            timer.daemon = True
+            timers.append(timer)
+            timer.start()
+            return
+        previous_hook(info)
+
     previous = signal.signal(signal.SIGTERM, handler)
+    sys.unraisablehook = unraisable
     _active += 1
     try:
         yield
     finally:
         _active -= 1
+        for timer in timers:
+            timer.cancel()
         signal.signal(signal.SIGTERM, previous)
-    # Python drops an exception raised while it runs a finalizer (``__del__``, a weakref callback): a SIGTERM that
-    # lands there would be lost and the command would carry on as if nothing happened. Never lose one.
+        sys.unraisablehook = previous_hook
+    # A SIGTERM re-delivered in the last instants (see ``unraisable``) may have had no ordinary code left to land in.
+    # Never lose one.
     if received:
         raise KeyboardInterrupt
