@@ -43,7 +43,8 @@ demo: install
 	@echo "  reports/validation_Dataset500_Synthetic_3d_fullres_fold0.json"
 	@echo "                                      the Dice above: overlap with the reference labels, 1 is perfect, 0 none"
 	@echo "  data/demo_seg.nii.gz                one test scan segmented (same geometry; the volumes above, in mm³)"
-	@echo "  reports/drift_train_vs_test.html    the drift report (open in a browser): test scans vs training scans"
+	@echo "  reports/drift_profile_vs_test.html  Evidently's drift report (open in a browser): the test scans against"
+	@echo "                                      the model's reference profile of its training scans"
 	@echo "Next: mlops serve --model data/nnUNet_results/Dataset500_Synthetic/nnUNetTrainer__nnUNetPlans__3d_fullres"
 	@echo "      and open http://127.0.0.1:8000/ to segment a scan in the browser."
 

@@ -162,9 +162,9 @@ def main() -> None:
     out.write(f"model {profile['model']} ({profile['model_key']}), {len(test)} test scans, "
               f"reference {len(profile['reference'])} training + {len(profile['validation'])} validation cases, "
               f"TTA {'off' if args.no_tta else 'on'}, {seg.backend} {seg.precision}\n")  # fmt: skip
-    out.write("| condition | verdict | drifted statistics (shift in reference SD) | small shifts | "
-              + " | ".join(f"{c} (vs clean)" for c in cols)
-              + " | mean Dice | Dice drop | s |\n|" + "---|" * (7 + len(cols)) + "\n")  # fmt: skip
+    out.write("| condition | verdict | cases out of range | drifted statistics (shift in reference SD) | "
+              + "small shifts | " + " | ".join(f"{c} (vs clean)" for c in cols)
+              + " | mean Dice | Dice drop | s |\n|" + "---|" * (8 + len(cols)) + "\n")  # fmt: skip
     clean_dice = float(np.mean(results["clean"][2]))
     for name, (summary, rows, dices, seconds) in results.items():
         changes = []
@@ -172,7 +172,7 @@ def main() -> None:
             cur, ref = median(rows, c), median(clean_rows, c)
             changes.append(f"{cur:.3f} ({cur - ref:+.3f})")
         drifted, small = named(summary, summary.drifted_columns), named(summary, summary.small_shifts)
-        out.write(f"| {name} | {summary.verdict} | {drifted} | {small} | "
+        out.write(f"| {name} | {summary.verdict} | {len(summary.cases_out_of_range)} | {drifted} | {small} | "
                   f"{' | '.join(changes)} | {np.mean(dices):.3f} | {clean_dice - np.mean(dices):+.3f} | "
                   f"{seconds:.0f} |\n")  # fmt: skip
     bad = [d < 0.7 for _, d in pooled]

@@ -229,5 +229,6 @@ def test_served_volumes_feed_the_drift_report(
             f"paths.reports={tmp_path}", f"monitor.store={store}"]  # fmt: skip
     proc = run_mlops(*args, env=trained_synth.workspace.env())
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((tmp_path / "drift_summary.json").read_text())
+    summary = json.loads((tmp_path / "drift_requests_summary.json").read_text())
     assert summary["current_rows"] == len(rows) and summary["reference_rows"] == 8
+    assert (tmp_path / "drift_requests.html").is_file() and not (tmp_path / "drift_train_vs_test.html").exists()

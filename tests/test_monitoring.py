@@ -121,12 +121,13 @@ def test_verdict_orders_drifted_first_and_explains_each() -> None:
     s = compare(reference, current, model="Dataset004", min_samples=20)
     assert s.verdict == "drift" and s.drifted_columns == ["norm_p99"]
     assert s.columns[0].column == "norm_p99" and not any(c.drifted for c in s.columns[1:])
-    assert len(s.summary_lines) == 1 and "Normalised intensity 99th percentile" in s.summary_lines[0]
-    assert "after Benjamini-Hochberg" in s.summary_lines[0] and "Benjamini-Hochberg" in s.correction
+    (line,) = [line for line in s.summary_lines if "after Benjamini-Hochberg" in line]
+    assert line.startswith("Normalised intensity 99th percentile") and "Benjamini-Hochberg" in s.correction
     assert s.outliers[0].case == current[0]["id"] and s.outliers[0].column == "norm_p99"
+    assert current[0]["id"] in s.cases_out_of_range and s.summary_lines[0].startswith("Out of range:")
     page = render(s, reference, current)
     assert "Dataset004 - 30 current vs 120 reference cases" in page and "Benjamini-Hochberg" in page
-    assert "(log scale)" in page and "<script" not in page and "http" not in page
+    assert "Dataset Drift" in page and "shift in SD; drift: K-S p" in page  # Evidently's report, with our method
 
 
 def test_same_distribution_is_not_flagged_over_repeated_draws() -> None:
@@ -148,7 +149,7 @@ def test_significant_but_small_shift_is_reported_not_drift() -> None:
     assert s.summary_lines[1].startswith("Small shift, not drift (under 1 SD): Normalised intensity 99th percentile")
     assert compare(reference, current, min_shift_sd=0.0).drifted_columns == ["norm_p99"]  # no floor: drift
     page = render(s, reference, current)
-    assert "small shift" in page and "at least 1 reference SD" in page
+    assert "Small shift, not drift" in page and "at least 1 reference SD" in page
     subgroup = _rows(60, 2)
     for row in subgroup[:24]:
         row["norm_p99"] += 0.9
@@ -158,11 +159,51 @@ def test_significant_but_small_shift_is_reported_not_drift() -> None:
     assert abs(col.current_median - col.reference_median) < 0.3  # the median moved by under 1 SD
 
 
+def test_shift_and_outlier_sizes_have_a_spread_floor() -> None:
+    """Issue 23: a near-constant statistic (the normalised spread is 1 for every z-scored case) gave 5e5 SD for a
+    1% change, and an ``intensity_min`` of 3 against a median of 0 a robust z of 1e6."""
+    rng = np.random.default_rng(0)
+    reference = [{"norm_std": 1 + float(rng.normal(0, 1e-7)), "intensity_min": float(i % 20 == 0)} for i in range(170)]
+    current = [{"norm_std": 0.99, "intensity_min": 3.0, "id": f"c{i}"} for i in range(30)]
+    s = compare(reference, current)
+    shifts = {c.column: c.shift_sd for c in s.columns}
+    assert shifts["norm_std"] == pytest.approx(1.0, rel=0.01)  # 1% of the median is the floor: a 1% move is 1 SD
+    assert 1 < shifts["intensity_min"] < 10 and max(o.score for o in s.outliers) < 10, (shifts, s.outliers)
+
+
+def test_each_case_out_of_the_reference_range_is_an_alarm() -> None:
+    """Positive statistics by a factor (1 mm everywhere allows 0.67-1.5 mm), others by half the range's width."""
+    reference = [{"spacing_z": 1.0, "norm_p1": -2.0 + i / 100} for i in range(101)]  # norm_p1 in [-2, -1]
+    current = [{"spacing_z": z, "norm_p1": v, "id": f"c{i}"}
+               for i, (z, v) in enumerate([(1.4, -2.4), (1.6, -1.0), (0.6, -0.6), (1.0, -0.4)])]  # fmt: skip
+    s = compare(reference, current, min_samples=20)
+    assert s.verdict == NOT_ENOUGH and s.alarm and not s.dataset_drift
+    assert [(a.case, a.column) for a in s.out_of_range] == [("c3", "norm_p1"), ("c1", "spacing_z"),
+                                                             ("c2", "spacing_z")]  # fmt: skip
+    limit = next(a for a in s.out_of_range if a.case == "c3")
+    assert (limit.low, limit.high) == pytest.approx((-2.5, -0.5)) and "above the reference range" in limit.line
+    assert compare(reference, current, range_margin=1.0).cases_out_of_range == []
+    assert json.loads(s.to_json())["cases_out_of_range"] == ["c1", "c2", "c3"]
+
+
+def test_bh_cutoff_decides_exactly_as_the_adjusted_p_values() -> None:
+    """The Evidently report's threshold: p < cut-off exactly where the BH-adjusted p < alpha."""
+    from mlops.monitoring.compare import bh_cutoff
+
+    rng = np.random.default_rng(5)
+    for k in range(200):
+        p = list(rng.uniform(0, 1, 17) ** rng.uniform(1, 6))
+        cutoff, adjusted = bh_cutoff(p, 0.05), benjamini_hochberg(p)
+        assert [x < cutoff for x in p] == [q < 0.05 for q in adjusted], k
+    assert bh_cutoff([0.5, 0.9], 0.05) == 0.0
+
+
 def test_minimum_samples_gives_no_verdict() -> None:
     reference, shifted = _rows(120, 0), _rows(200, 1, shift=5.0)
     few = compare(reference, shifted[:8], min_samples=20)
     assert few.verdict == NOT_ENOUGH and few.drifted_columns == [] and few.dataset_drift is False
-    assert "Not enough data: 8 current case(s), at least 20" in few.summary_lines[0]
+    assert "Not enough data: 8 current case(s), at least 20" in few.summary_lines[-1]
+    assert few.alarm and len(few.cases_out_of_range) == 8  # 16 SD away: each case is an alarm on its own
     enough = compare(reference, shifted[:20], min_samples=20)
     assert enough.verdict == "drift" and "norm_p99" in enough.drifted_columns
 
@@ -243,7 +284,7 @@ def test_monitor_profile_and_drift_of_test_images(
     assert profile["validation"][0]["agreement_dice_mean"] is None  # no mirroring, one fold: nothing to compare
     proc = run_mlops("drift", str(synth_task), f"predict.model_dir={model}", f"paths.reports={tmp_path}", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((tmp_path / "drift_summary.json").read_text())
+    summary = json.loads((tmp_path / "drift_profile_vs_test_summary.json").read_text())
     assert summary["model"] == model.name and (summary["reference_rows"], summary["current_rows"]) == (8, 2)
     assert summary["verdict"] == "not enough data"
     assert any(c["column"] == "norm_p99" for c in summary["columns"])  # the profile's normalised statistics
@@ -282,7 +323,7 @@ def test_real_test_split_not_flagged_and_noisy_scans_are(
         proc = run_mlops("drift", str(task), f"predict.model_dir={model}", f"paths.reports={tmp_path / name}",
                          env=env)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
-        summaries[name] = json.loads((tmp_path / name / "drift_summary.json").read_text())
+        summaries[name] = json.loads((tmp_path / name / "drift_profile_vs_test_summary.json").read_text())
     clean, bad = summaries["clean"], summaries["noisy"]
     assert (clean["reference_rows"], clean["current_rows"]) == (170, 30)
     assert any(c["column"] == "norm_noise" for c in clean["columns"])  # the profile's normalised statistics
@@ -336,7 +377,7 @@ def test_service_signals_records_metrics_and_live_drift(
     page = httpx.get(f"{url}/monitoring/drift", timeout=60)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert f"{trained_synth.model_dir.name} - 4 current vs 8 reference cases" in page.text
-    assert "Benjamini-Hochberg" in page.text and "Verdict:" in page.text
+    assert "Benjamini-Hochberg" in page.text and "Verdict:" in page.text and "Dataset Drift" in page.text  # Evidently
     summary = httpx.get(f"{url}/monitoring/drift", params={"format": "json"}, timeout=60).json()
     assert summary["current_rows"] == 4 and summary["verdict"] in ("drift", "no drift")
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
@@ -344,6 +385,7 @@ def test_service_signals_records_metrics_and_live_drift(
     assert re.search(r"mlops_prediction_agreement_dice_count 4\.0", metrics)
     assert re.search(r'mlops_prediction_volume_ml_count\{label="Posterior"\} 4\.0', metrics)
     assert re.search(r"mlops_drift_current_samples 4\.0", metrics)
+    assert re.search(r"mlops_drift_cases_out_of_range 0\.0", metrics)  # the session's own test scans: in range
     check_alert_rules(metrics)
 
 
@@ -419,9 +461,11 @@ def check_alert_rules(metrics: str) -> None:
 
 
 def test_alert_rules_and_cloud_policies_agree() -> None:
-    """Four alerts (errors, latency, confidence, drift), each with the equivalent Cloud Monitoring policy."""
+    """Five alerts (errors, latency, confidence, drift, a case out of range), each with the equivalent Cloud
+    Monitoring policy."""
     rules = alert_expressions()
-    assert set(rules) == {"MlopsPredictErrorRate", "MlopsPredictLatencyHigh", "MlopsLowConfidence", "MlopsInputDrift"}
+    assert set(rules) == {"MlopsPredictErrorRate", "MlopsPredictLatencyHigh", "MlopsLowConfidence", "MlopsInputDrift",
+                          "MlopsInputOutOfRange"}  # fmt: skip
     policies = {p.name: json.loads(p.read_text()) for p in (DEPLOY / "cloud-monitoring").glob("*.json")}
     assert len(policies) == len(rules)
     for policy in policies.values():

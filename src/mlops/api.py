@@ -99,11 +99,17 @@ class Metrics:
             "mlops_drift_current_samples", "Current cases in the last drift comparison",
             registry=self.registry,
         )  # fmt: skip
+        self.drift_out_of_range = Gauge(
+            "mlops_drift_cases_out_of_range",
+            "Current cases outside the reference's range (monitor.range_margin) at the last drift comparison",
+            registry=self.registry,
+        )  # fmt: skip
 
     def set_drift(self, summary: Any) -> None:
         """The gauges of a drift comparison (from /monitoring/drift or the periodic refresh)."""
         self.drift_share.set(summary.drift_share)
         self.drift_samples.set(summary.current_rows)
+        self.drift_out_of_range.set(len(summary.cases_out_of_range))
 
     def observe_signals(self, signals: dict[str, Any]) -> None:
         for region in ("foreground", "overall"):
@@ -448,7 +454,8 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         metrics.set_drift(summary)
         if format == "json" or (format is None and wants_json(None, request.headers.get("accept", ""))):
             return Response(summary.to_json(), media_type="application/json")
-        return HTMLResponse(render_report(summary, reference, current))
+        page = await run_in_threadpool(render_report, summary, reference, current)  # Evidently: about a second
+        return HTMLResponse(page)
 
     return app
 

@@ -706,7 +706,9 @@ def drift(
     ),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
     current: str = typer.Option(None, "--current", help="test (the task's test images) or requests (served volumes)."),
-    fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 2 if the verdict is drift."),
+    fail_on_drift: bool = typer.Option(
+        False, "--fail-on-drift", help="Exit 2 if the verdict is drift or a case is outside the reference's range."
+    ),
 ) -> None:
     """Drift report: test (or served) cases against the model's reference profile (or the training images)."""
     from mlops.drift import run_drift
@@ -729,11 +731,17 @@ def drift(
     for line in summary.summary_lines:
         out.print(f"  - {line}", highlight=False, soft_wrap=True)
     out.print(
-        f"Drift share {summary.drift_share:.2f} (limit {summary.max_drift_share:.2f}); "
-        f"report: {summary.html}; summary: {cfg.drift.summary}"
+        f"Drift share {summary.drift_share:.2f} (limit {summary.max_drift_share:.2f}); report: {summary.html}; "
+        f"summary: {summary.summary_file}; Evidently snapshot: {summary.snapshot or 'none'}",
+        highlight=False,
+        soft_wrap=True,
     )
-    if fail_on_drift and summary.dataset_drift:
-        err.print(f"[bold red]Drift:[/] {summary.drift_share:.2f} of statistics drifted: {summary.drifted_columns}")
+    if fail_on_drift and summary.alarm:
+        if summary.dataset_drift:
+            err.print(f"[bold red]Drift:[/] {summary.drift_share:.2f} of statistics drifted: {summary.drifted_columns}")
+        if summary.out_of_range:
+            err.print(f"[bold red]Out of range:[/] {len(summary.cases_out_of_range)} case(s) outside the reference: "
+                      f"{', '.join(summary.cases_out_of_range[:10])}", highlight=False)  # fmt: skip
         raise typer.Exit(2)
 
 

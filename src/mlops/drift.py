@@ -4,7 +4,13 @@ The reference is the model's profile (:mod:`mlops.monitoring.profile`: training 
 them, geometry, validation output signals), or, for a model without one, raw statistics of the source's training
 images. The current cases are the source's test images (``drift.current=test``) or the service's request records for
 this model (``requests``, from ``monitor.store``). The verdict is :func:`mlops.monitoring.compare.compare`'s
-(K-S per statistic, Benjamini-Hochberg, a minimum sample size); the report is :mod:`mlops.monitoring.report`'s.
+(K-S per statistic, Benjamini-Hochberg, a minimum sample size, a per-case range check); the report is Evidently's
+(:mod:`mlops.monitoring.report`).
+
+Each comparison has its own file names, so one never replaces another: ``drift_train_vs_test`` (the source's training
+images against its test images), ``drift_profile_vs_test`` (the model's profile against the test images) and
+``drift_requests`` (the profile, or the training images, against what the service segmented); each with ``.html``,
+``_summary.json``, ``_evidently.json`` (the Evidently snapshot) and ``_config.yaml``.
 """
 
 from __future__ import annotations
@@ -25,11 +31,10 @@ from mlops.monitoring.compare import DriftSummary, compare, thresholds
 from mlops.monitoring.profile import input_row, load_case, model_key, profile_path, read_profile
 from mlops.monitoring.report import write_report
 from mlops.monitoring.signals import SIGNAL_COLUMNS
-from mlops.monitoring.stats import GEOMETRY_COLUMNS, RAW_COLUMNS, orientation, raw_stats
+from mlops.monitoring.stats import orientation, raw_stats
 from mlops.monitoring.store import read_records
 from mlops.progress import parallel_map, track, workers_for
 
-STAT_COLUMNS = [*RAW_COLUMNS, *GEOMETRY_COLUMNS]
 array_stats = raw_stats  # the raw statistics of one volume (kept under its old name)
 
 
@@ -148,23 +153,33 @@ def run_drift(cfg: DictConfig) -> DriftSummary:
     else:
         key = profile["model_key"] if profile is not None else _key_of(cfg, folder)
         current = read_records(str(cfg.monitor.store), key)
-    logger.info(f"Drift: {len(current)} current vs {len(reference)} reference rows ({model})")
+    name = "drift_requests" if mode == "requests" else f"drift_{'profile' if profile is not None else 'train'}_vs_test"
+    reference_cases = len(profile["reference"]) if profile is not None else len(reference)
+    signals = len(reference) - reference_cases
+    extra = f" (+{signals} validation output signals)" if signals else ""
+    logger.info(f"Drift ({name}): {len(current)} current vs {reference_cases} reference cases{extra} ({model})")
     if profile is not None:
         summary = compare_to_profile(profile, current, cfg)
     else:
-        summary = compare(
-            reference,
-            current,
-            model=model,
-            **thresholds(cfg),
-        )
-    html = Path(cfg.drift.html)
+        summary = compare(reference, current, model=model, **thresholds(cfg))
+    html, summary_json = report_paths(cfg, name)
     write_report(summary, reference, current, html)
-    summary_json = Path(cfg.drift.summary)
     summary_json.parent.mkdir(parents=True, exist_ok=True)
-    summary_json.write_text(summary.to_json())
+    summary.summary_file = str(summary_json)
+    tmp = summary_json.with_name(summary_json.name + ".tmp")
+    tmp.write_text(summary.to_json())
+    tmp.replace(summary_json)
     save_config(cfg, html.with_name(html.stem + "_config.yaml"))
     return summary
+
+
+def report_paths(cfg: DictConfig, name: str) -> tuple[Path, Path]:
+    """(HTML report, summary JSON): ``drift.html`` / ``drift.summary`` when set, else ``<paths.reports>/<name>.html``
+    and ``<name>_summary.json``."""
+    reports = Path(str(cfg.paths.reports))
+    html = Path(cfg.drift.html) if cfg.drift.get("html") else reports / f"{name}.html"
+    summary = Path(cfg.drift.summary) if cfg.drift.get("summary") else reports / f"{name}_summary.json"
+    return html, summary
 
 
 def _folds(cfg: DictConfig, folder: Path | None) -> list[int | str]:

@@ -126,6 +126,8 @@ class Drift(_Section):
     max_drift_share: float = Field(ge=0, le=1)
     num_workers: int = PositiveInt
     reference: Literal["auto", "profile", "source"] = "auto"
+    html: str | None = None
+    summary: str | None = None
 
 
 class Monitor(_Section):
@@ -134,6 +136,7 @@ class Monitor(_Section):
     alpha: float = Field(gt=0, lt=1)
     min_samples: int = PositiveInt
     min_shift_sd: float = Field(ge=0)
+    range_margin: float = Field(ge=0)
     profile_on_train: bool
     profile_val_cases: int = Field(ge=0)
     max_member_mib: float = Field(ge=0)
