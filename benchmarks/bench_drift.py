@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from mlops.drift import collect, task_images
+from mlops.drift import collect
+from mlops.workspace import task_images
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,12 +23,12 @@ import nibabel as nib
 import numpy as np
 
 from mlops.config import load_config
-from mlops.drift import profile_reference, task_images
 from mlops.inference import Segmenter
 from mlops.monitoring.compare import DriftSummary, compare, thresholds
-from mlops.monitoring.profile import read_profile
+from mlops.monitoring.profile import profile_reference, read_profile
 from mlops.monitoring.signals import SIGNAL_COLUMNS, observe
 from mlops.monitoring.stats import normalised_stats, orientation, raw_stats
+from mlops.workspace import task_images
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -173,8 +173,9 @@ def serve_in_process(overrides: list[str], tmpdir: Path) -> Iterator[str]:
     this process: no process start or torch import per server. For what a process boundary is the point of (signals,
     memory, the container's command, the browser's page), tests start `mlops serve` itself. ``tmpdir`` stands in for
     the process's TMPDIR while the server runs (tests check that uploads leave no files behind)."""
-    from mlops.api import build_server, create_app
+    from mlops.api import create_app
     from mlops.config import load_config
+    from mlops.service.server import build_server
 
     port = free_port()
     cfg = load_config([*overrides, "serve.host=127.0.0.1", f"serve.port={port}"])

@@ -36,8 +36,9 @@ NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 MODEL_FOLDER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 # Our code that decides a prepared dataset and a trained fold, besides the data, the schedule and nnU-Net itself:
-# conversion, preparation, the training workflow and the nnU-Net boundary (not I/O helpers, W&B or inference).
-TRAIN_CODE = ("decathlon.py", "prepare.py", "train.py", "nnunet.py")
+# conversion, preparation, the workspace (which dataset, whether it is fully preprocessed), the training workflow and
+# the nnU-Net boundary (not the other I/O helpers, W&B or inference).
+TRAIN_CODE = ("decathlon.py", "prepare.py", "train.py", "nnunet.py", "workspace.py")
 
 # A short CPU schedule through nnU-Net's real trainer: enough to learn the synthetic structures measurably
 # (4 epochs x 10 iterations: Dice ~0.89 anterior, ~0.58 posterior; about a minute on 2 cores).

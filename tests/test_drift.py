@@ -15,9 +15,11 @@ from typer.testing import CliRunner
 
 from mlops.cli import app
 from mlops.config import load_config
-from mlops.drift import array_stats, collect, compare, task_images, volume_stats
+from mlops.drift import collect, compare, volume_stats
+from mlops.monitoring.stats import raw_stats
 from mlops.monitoring.store import RequestStore, read_records
 from mlops.synth import SynthSpec, generate_task
+from mlops.workspace import task_images
 
 from .conftest import HIPPOCAMPUS
 
@@ -36,7 +38,7 @@ def test_statistics_are_exact(tmp_path: Path) -> None:
     assert row["zero_fraction"] == 0.001
     assert (row["shape_x"], row["shape_y"], row["shape_z"]) == (10, 10, 10)
     assert (row["spacing_x"], row["spacing_y"], row["spacing_z"]) == (2.0, 1.0, 0.5)
-    four_d = array_stats(np.stack([data, data * 0], axis=-1), (1.0, 1.0, 1.0, 1.0))
+    four_d = raw_stats(np.stack([data, data * 0], axis=-1), (1.0, 1.0, 1.0, 1.0))
     assert four_d["intensity_mean"] == 499.5  # the first channel of a multi-channel volume
 
 
@@ -185,7 +187,7 @@ def test_requests_mode(synth_task: Path, tmp_path: Path, cli: CliRunner) -> None
     store = RequestStore(f"memory://{tmp_path.name}", "k0")
     for path in sorted((synth_task / "imagesTs").glob("*.nii.gz")) * 4:
         img = nib.load(path)
-        store.record(array_stats(np.asanyarray(img.dataobj) * 1000, img.header.get_zooms()))
+        store.record(raw_stats(np.asanyarray(img.dataobj) * 1000, img.header.get_zooms()))
     rows = read_records(f"memory://{tmp_path.name}", "k0")
     assert len(rows) == 8 and "case" not in rows[0]
     reference = collect(task_images(synth_task)[0], 1, "reference")

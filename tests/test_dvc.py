@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlops.download import sha256_file
+from mlops.files import sha256 as sha256_file
 from mlops.synth import SynthSpec, generate_task
 
 from .conftest import REPO

@@ -23,7 +23,8 @@ from mlops.config import config_dir, load_config
 from mlops.datasets import dataset_overrides
 from mlops.errors import ConfigError
 from mlops.evaluate import DiceReport, model_validation_warnings, weak_labels
-from mlops.train import estimate_cpu_seconds, parse_fold_list, prepared_dataset
+from mlops.train import estimate_cpu_seconds
+from mlops.workspace import parse_folds, prepared_dataset
 
 from . import models
 from .conftest import QUICK_TRAIN, TrainedModel, Workspace, run_mlops
@@ -44,7 +45,7 @@ def test_dataset_by_id_folder_name_or_group(
     monkeypatch.setenv("MLOPS_DATA_DIR", str(prepared_synth.root))
     base = load_config()  # the default dataset is hippocampus (id 4), not prepared here
     cfg = load_config(dataset_overrides(value, base, [], config_dir()))
-    from mlops.train import export_paths
+    from mlops.workspace import export_paths
 
     export_paths(cfg)
     identity, pre_dir = prepared_dataset(cfg)
@@ -81,14 +82,14 @@ def test_predict_without_a_model_names_the_trained_one(
 
 
 def test_fold_lists() -> None:
-    assert parse_fold_list("0") == [0]
-    assert parse_fold_list("all") == ["all"]
-    assert parse_fold_list("0,1, 2") == [0, 1, 2]
-    assert parse_fold_list("0-4") == [0, 1, 2, 3, 4]
+    assert parse_folds("0") == [0]
+    assert parse_folds("all") == ["all"]
+    assert parse_folds("0,1, 2") == [0, 1, 2]
+    assert parse_folds("0-4") == [0, 1, 2, 3, 4]
     with pytest.raises(Exception, match="unknown fold '5'"):
-        parse_fold_list("0,5")
+        parse_folds("0,5")
     with pytest.raises(Exception, match="listed twice"):
-        parse_fold_list("1,1")
+        parse_folds("1,1")
 
 
 def test_resume_hint_executed_as_printed_resumes_the_run(
@@ -258,7 +259,8 @@ def test_two_folds_then_validate_find_best_and_post_processed_predict(
 
 def test_multichannel_files_are_grouped_into_cases(synth_task_4d: Path, tmp_path: Path) -> None:
     """nnU-Net's layout: case_0000, case_0001 are the two channels of one case, stacked as the 4D original."""
-    from mlops.predict import _load_channels, group_channels, output_name
+    from mlops.pipeline import load_channels
+    from mlops.predict import group_channels, output_name
     from mlops.volumes import InputError
 
     src = nib.load(synth_task_4d / "imagesTs" / "synth_004.nii.gz")
@@ -277,7 +279,7 @@ def test_multichannel_files_are_grouped_into_cases(synth_task_4d: Path, tmp_path
         "synth_004_0001.nii.gz",
     ]
     assert output_name(firsts[1]) == "synth_004.nii.gz"
-    img, data = _load_channels(groups[folder / "synth_004_0000.nii.gz"], None)
+    img, data = load_channels(groups[folder / "synth_004_0000.nii.gz"], None)
     assert data.shape == four_d.shape and np.array_equal(data, four_d)
     assert np.allclose(img.affine, src.affine)
     (folder / "other_0001.nii.gz").unlink()
@@ -287,7 +289,7 @@ def test_multichannel_files_are_grouped_into_cases(synth_task_4d: Path, tmp_path
     shifted[0, 3] += 5
     nib.save(nib.Nifti1Image(four_d[..., 1], shifted, src.header), folder / "synth_004_0001.nii.gz")
     with pytest.raises(InputError, match="channels of one case must share one grid"):
-        _load_channels(groups[folder / "synth_004_0000.nii.gz"], None)
+        load_channels(groups[folder / "synth_004_0000.nii.gz"], None)
 
 
 @pytest.mark.parametrize(

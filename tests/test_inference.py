@@ -23,7 +23,7 @@ from mlops import nnunet
 from mlops.errors import Cancelled, PipelineError
 from mlops.inference import Segmenter
 from mlops.inference.backends import cpu_has_bf16, openvino_has_bf16
-from mlops.inference.check import CHECK_NAME
+from mlops.inference.record import CHECK_NAME
 
 from .conftest import TrainedModel, run_mlops
 from .parity import assert_same_labels, top_two_gap

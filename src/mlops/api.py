@@ -23,227 +23,28 @@ from fastapi import FastAPI, File, HTTPException, Query, Request, Response, Uplo
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from loguru import logger
 from omegaconf import DictConfig
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops import __version__
 from mlops.errors import Cancelled, MlopsError
 from mlops.logs import client_text
+from mlops.models import model_dir
 from mlops.monitoring.live import LiveMonitor
 from mlops.monitoring.report import render as render_report
-from mlops.monitoring.signals import SIGNAL_COLUMNS, observe, volume_signals
-from mlops.monitoring.stats import normalised_stats, orientation, raw_stats
+from mlops.monitoring.signals import SIGNAL_COLUMNS
+from mlops.pipeline import case_statistics, decode_case, load_segmenter, segment_case
 from mlops.service import install as install_service
+from mlops.service.limits import Drain, Guard, Slots
+from mlops.service.metrics import Metrics
 from mlops.service.results import json_result, wants_json
 from mlops.volumes import (
     Budget,
     InputError,
     ModelGrid,
-    check_volume,
-    decode_nifti,
     is_nifti_name,
-    label_volumes,
-    segmentation_like,
     to_gzip_bytes,
 )
-
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
-PROBABILITY_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
-ENTROPY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
-VOLUME_BUCKETS = (0.01, 0.1, 0.5, 1, 2, 5, 10, 50, 100, 500, 1000, 5000)
-
-
-class Metrics:
-    """Prometheus metrics in a registry of the app's own (several apps can live in one process, e.g. in tests)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "mlops_http_requests_total", "HTTP requests", ["method", "path", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "mlops_http_request_duration_seconds", "Request latency", ["path"], buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )  # fmt: skip
-        self.errors = Counter("mlops_http_errors_total", "Error responses", ["status"], registry=self.registry)
-        self.in_flight = Gauge("mlops_predict_in_flight", "Predictions being served", registry=self.registry)
-        self.inference = Histogram(
-            "mlops_inference_duration_seconds", "Model time per prediction", buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )  # fmt: skip
-        # Output signals of every prediction (mlops.monitoring.signals): no labels needed to watch them.
-        self.confidence = Histogram(
-            "mlops_prediction_confidence", "Mean max-softmax probability of a prediction", ["region"],
-            buckets=PROBABILITY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        for region in ("foreground", "overall"):
-            self.confidence.labels(region)
-        self.entropy = Histogram(
-            "mlops_prediction_entropy", "Mean normalised softmax entropy over the predicted foreground",
-            buckets=ENTROPY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.agreement = Histogram(
-            "mlops_prediction_agreement_dice", "Mean pairwise foreground Dice between mirrored passes or folds",
-            buckets=PROBABILITY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.volume = Histogram(
-            "mlops_prediction_volume_ml", "Predicted volume of each label (mL)", ["label"], buckets=VOLUME_BUCKETS,
-            registry=self.registry,
-        )  # fmt: skip
-        self.drift_share = Gauge(
-            "mlops_drift_share", "Share of drifted statistics at the last drift comparison (0 without a verdict)",
-            registry=self.registry,
-        )  # fmt: skip
-        self.drift_samples = Gauge(
-            "mlops_drift_current_samples", "Current cases in the last drift comparison",
-            registry=self.registry,
-        )  # fmt: skip
-        self.drift_out_of_range = Gauge(
-            "mlops_drift_cases_out_of_range",
-            "Current cases outside the reference's range (monitor.range_margin) at the last drift comparison",
-            registry=self.registry,
-        )  # fmt: skip
-
-    def set_drift(self, summary: Any) -> None:
-        """The gauges of a drift comparison (from /monitoring/drift or the periodic refresh)."""
-        self.drift_share.set(summary.drift_share)
-        self.drift_samples.set(summary.current_rows)
-        self.drift_out_of_range.set(len(summary.cases_out_of_range))
-
-    def observe_signals(self, signals: dict[str, Any]) -> None:
-        for region in ("foreground", "overall"):
-            value = signals.get(f"confidence_{region}")
-            if value is not None:
-                self.confidence.labels(region).observe(value)
-        if signals.get("entropy_foreground") is not None:
-            self.entropy.observe(signals["entropy_foreground"])
-        if signals.get("agreement_dice_mean") is not None:
-            self.agreement.observe(signals["agreement_dice_mean"])
-        for key, value in signals.items():
-            if key.startswith("volume_ml_"):
-                self.volume.labels(key.removeprefix("volume_ml_")).observe(value)
-
-
-class Slots:
-    """A non-blocking counter of requests in flight: acquire fails at once when full (-> 503)."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.used, self._lock = size, 0, threading.Lock()
-
-    def try_acquire(self) -> bool:
-        with self._lock:
-            if self.used >= self.size:
-                return False
-            self.used += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.used -= 1
-
-
-class Drain:
-    """SIGTERM: the server stops accepting at once; work in flight gets ``grace_s`` to finish, then is cancelled.
-
-    Cloud Run allows 10 s between SIGTERM and SIGKILL; uvicorn's graceful shutdown waits slightly longer than the
-    grace so the cancelled requests can still be answered.
-    """
-
-    def __init__(self, grace_s: float) -> None:
-        self.grace_s, self.deadline = grace_s, float("inf")
-
-    def start(self) -> None:
-        self.deadline = min(self.deadline, time.monotonic() + self.grace_s)
-
-    @property
-    def expired(self) -> bool:
-        return time.monotonic() >= self.deadline
-
-
-class Guard:
-    """Pure ASGI middleware: request metrics, a bounded and time-limited request body, and a last-resort 500.
-
-    The body limit counts the bytes as they arrive, so a chunked upload without Content-Length is cut off at the
-    limit instead of being spooled to disk in full; a client that stops sending gets 408 after ``upload_timeout_s``.
-    Both answers close the connection. (Pure ASGI rather than ``@app.middleware``: the endpoint keeps the real
-    ``receive``, so ``request.is_disconnected()`` sees a client that went away.)
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_timeout_s: float, metrics: Metrics) -> None:
-        self.app, self.max_bytes, self.upload_timeout_s, self.metrics = app, max_bytes, upload_timeout_s, metrics
-        self.known_paths: set[str] = set()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if not self.known_paths:
-            self.known_paths.update(getattr(r, "path", "") for r in scope["app"].routes)
-        path = scope["path"] if scope["path"] in self.known_paths else "other"  # bounded metric labels
-        t0, status = time.perf_counter(), [500]
-        started = [False]
-
-        async def send_observed(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                started[0], status[0] = True, int(message["status"])
-            await send(message)
-
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        try:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                detail = f"upload of {int(declared):,} bytes is above the limit of {self.max_bytes:,}"
-                await _json(send_observed, 413, detail)
-            else:
-                await self.app(scope, self._bounded(receive), send_observed)
-        except Exception:  # last resort: never let one request take the server down (no locals: no voxel data)
-            logger.opt(exception=True).error(
-                f"unhandled error on {client_text(scope['method'], 20)} {client_text(scope['path'])}"
-            )
-            if not started[0]:
-                await _json(send_observed, 500, "internal server error")
-        finally:
-            code = str(status[0])
-            self.metrics.requests.labels(scope["method"], path, code).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
-            if status[0] >= 400:
-                self.metrics.errors.labels(code).inc()
-
-    def _bounded(self, receive: Receive) -> Receive:
-        received, done = [0], [False]
-        deadline = time.monotonic() + self.upload_timeout_s
-        limit, timeout = self.max_bytes, self.upload_timeout_s
-
-        async def bounded_receive() -> Message:
-            if done[0]:
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise HTTPException(
-                    408, f"upload incomplete after {timeout:g} s (serve.upload_timeout_s)", {"Connection": "close"}
-                ) from None
-            if message["type"] == "http.request":
-                received[0] += len(message.get("body", b""))
-                if received[0] > limit:
-                    raise HTTPException(
-                        413, f"upload above the limit of {limit:,} bytes", {"Connection": "close"}
-                    ) from None
-                done[0] = not message.get("more_body", False)
-            else:
-                done[0] = True
-            return message
-
-        return bounded_receive
-
-
-async def _json(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _safe_stem(filename: str | None) -> str:
@@ -257,8 +58,6 @@ def _safe_stem(filename: str | None) -> str:
 
 def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = None) -> FastAPI:
     """The app for a composed config. ``segmenter_factory`` defaults to loading the configured nnU-Net model."""
-    from mlops.predict import load_segmenter, model_dir
-
     serve = cfg.serve
     max_bytes, max_voxels = int(serve.max_upload_bytes), int(serve.max_voxels)
     max_request_bytes = int(float(serve.max_request_mib) * 2**20)
@@ -483,7 +282,7 @@ def public_signals(signals: dict[str, Any]) -> dict[str, Any]:
 
 def _segment(
     segmenter: Any,
-    budget: Budget,
+    limits: Budget,
     raw: bytes,
     name: str,
     max_voxels: int,
@@ -491,62 +290,15 @@ def _segment(
     monitor: LiveMonitor,
     cancel: Callable[[], bool],
 ) -> tuple[bytes, dict, dict]:
-    img = decode_nifti(raw, name, max_voxels, budget)
+    case = decode_case(segmenter, raw, name, max_voxels, limits, cancel)
     del raw
-    data = check_volume(img, name, segmenter.num_channels, budget)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    if cancel():
-        raise Cancelled(f"{name}: cancelled before segmentation")
-    prepared = segmenter.prepare(data, zooms)
-    logits, signals = observe(segmenter, prepared, tta, cancel, monitor.max_member_mib)
-    seg = segmenter.finish(prepared, logits)
-    del logits
-    volumes = label_volumes(seg, img, segmenter.labels)
-    signals.update(volume_signals(volumes))
+    result = segment_case(segmenter, case, tta, cancel, monitor.max_member_mib)
     if monitor.store is not None:
         try:  # monitoring must never fail a prediction
-            stats = {**raw_stats(data, zooms), "orientation": orientation(img.affine)}
-            stats.update(normalised_stats(prepared.data.numpy()))
-            monitor.record({**stats, **signals})
+            monitor.record({**case_statistics(case), **result.signals})
         except Exception as exc:
             logger.warning(f"could not compute request statistics: {type(exc).__name__}")
-    return to_gzip_bytes(segmentation_like(seg, img), level=1), volumes, signals
-
-
-def build_server(app: FastAPI, cfg: DictConfig) -> Any:
-    """uvicorn on ``serve.host:serve.port`` with bounded connections and idle keep-alive, and a SIGTERM that drains.
-
-    On SIGTERM (Cloud Run, docker stop) uvicorn stops accepting at once; work in flight gets ``serve.shutdown_grace_s``
-    to finish and is then cancelled at its next tile, so the process exits within Cloud Run's 10 s. The server is
-    returned, not run, so tests can run the very same server in a thread (uvicorn installs no signal handlers there).
-    """
-    import uvicorn
-
-    drain: Drain = app.state.drain
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: object) -> None:
-            if not self.should_exit:
-                logger.info(f"Signal {sig}: no new requests; in-flight work has {drain.grace_s:g} s to finish")
-            drain.start()
-            super().handle_exit(sig, frame)  # type: ignore[arg-type]
-
-    config = uvicorn.Config(
-        app,
-        host=str(cfg.serve.host),
-        port=int(cfg.serve.port),
-        log_config=None,
-        access_log=False,
-        limit_concurrency=int(cfg.serve.max_connections),
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=int(float(cfg.serve.shutdown_grace_s)) + 1,
-    )
-    return DrainingServer(config)
-
-
-def run_server(app: FastAPI, cfg: DictConfig) -> None:
-    """Serve until SIGTERM/Ctrl-C (:func:`build_server`)."""
-    build_server(app, cfg).run()
+    return to_gzip_bytes(result.image, level=1), result.volumes, result.signals
 
 
 def fetch_model(cfg: DictConfig) -> Path:

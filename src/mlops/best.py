@@ -8,33 +8,16 @@ records the choice in ``<nnUNet_results>/<dataset>/mlops_best.json`` so that `ml
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from loguru import logger
 from omegaconf import DictConfig
 
 from mlops import nnunet
-from mlops.errors import DatasetError, MlopsError
-
-CHOICE_FILE = "mlops_best.json"
-
-
-@dataclass
-class BestChoice:
-    dataset: str
-    model_dirs: list[str]  # one model folder, or two for a cross-configuration ensemble
-    folds: list[int]
-    postprocessing: str  # nnU-Net's postprocessing.pkl
-    postprocessing_steps: list[str]
-    dice_before_pp: float  # cross-validation foreground Dice, before and after post-processing
-    dice_after_pp: float
-    all_results: dict[str, float]
-    instructions: str  # nnU-Net's inference_instructions.txt
-
-    @property
-    def ensemble(self) -> bool:
-        return len(self.model_dirs) > 1
+from mlops.errors import DatasetError
+from mlops.models import CHOICE_FILE, BestChoice
+from mlops.workspace import TRAINER_NAME, export_paths, prepared_dataset
 
 
 def _validated_folds(model: Path) -> list[int]:
@@ -52,13 +35,11 @@ def find_best(
     ensembles: bool = True,
 ) -> BestChoice:
     """Run nnU-Net's ``find_best_configuration`` over the trained configurations and validated folds."""
-    from mlops.train import export_paths, prepared_dataset
-
     export_paths(cfg)
     identity, _ = prepared_dataset(cfg)
     plans = str(cfg.prepare.plans_identifier)
     root = Path(cfg.paths.results).expanduser().resolve() / identity.folder
-    prefix = f"{nnunet.TRAINER_NAME}__{plans}__"
+    prefix = f"{TRAINER_NAME}__{plans}__"
     trained = {p.name.removeprefix(prefix): p for p in sorted(root.glob(prefix + "*")) if p.is_dir()}
     if configurations:
         missing = [c for c in configurations if c not in trained]
@@ -119,25 +100,3 @@ def find_best(
     tmp.write_text(json.dumps(asdict(choice), indent=2))
     tmp.replace(root / CHOICE_FILE)
     return choice
-
-
-def read_choice(cfg: DictConfig) -> BestChoice | None:
-    """The choice `mlops find-best` recorded for the config's dataset, if any."""
-    from mlops.prepare import dataset_identity
-    from mlops.train import export_paths, prepared_dataset
-
-    export_paths(cfg)
-    try:
-        identity, _ = prepared_dataset(cfg)
-    except MlopsError:
-        try:
-            identity = dataset_identity(cfg)
-        except MlopsError:
-            return None
-    path = Path(cfg.paths.results).expanduser().resolve() / identity.folder / CHOICE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return BestChoice(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
-        raise DatasetError(f"{path}: unreadable find-best choice ({exc}); rerun `mlops find-best`") from None

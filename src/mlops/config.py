@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlops.errors import ConfigError
+from mlops.files import write_atomic
 
 CONFIG_NAME = "config"
 
@@ -51,8 +52,4 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
 
 def save_config(cfg: DictConfig, path: Path) -> Path:
     """Write the resolved configuration as YAML (atomically: a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
-    return path
+    return write_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))

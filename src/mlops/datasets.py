@@ -11,8 +11,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
+from mlops.decathlon import TASK_RE, task_folder_name
 from mlops.errors import ConfigError
 
 FOLDER_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9][A-Za-z0-9_-]*)$")
@@ -95,9 +97,6 @@ def dataset_overrides(value: str, base: DictConfig, user_overrides: list[str], c
     Decathlon source derives the same id or name is selected too (so `mlops prepare -d 500` finds its source), unless
     the user already chose a group.
     """
-    from mlops.decathlon import TASK_RE
-    from mlops.prepare import _task_folder_name
-
     text = str(value).strip()
     if text.lower() in DEVICES:
         raise ConfigError(
@@ -116,14 +115,15 @@ def dataset_overrides(value: str, base: DictConfig, user_overrides: list[str], c
         for g in groups:
             try:
                 raw = yaml.safe_load((config_dir / "dataset" / f"{g}.yaml").read_text()) or {}
-            except (OSError, yaml.YAMLError):
+            except (OSError, yaml.YAMLError) as exc:
+                logger.warning(f"{config_dir / 'dataset' / (g + '.yaml')}: unreadable dataset group ({exc})")
                 continue
             gid, gname = raw.get("id"), raw.get("name")
             source = str(raw.get("source") or "")
             whole = re.fullmatch(r"\$\{([\w.]+)\}", source)
             if whole:  # `${synth.output}`: resolve through the composed config (only the last component matters)
                 source = str(OmegaConf.select(base, whole.group(1)) or "")
-            m = TASK_RE.match(_task_folder_name(Path(source))) if source else None
+            m = TASK_RE.match(task_folder_name(Path(source))) if source else None
             gid = gid if gid is not None else (int(m.group(1)) if m else None)
             gname = gname if gname is not None else (m.group(2) if m else None)
             if (ds_id is not None and gid == ds_id) or (name is not None and str(gname).lower() == name.lower()):

@@ -28,9 +28,8 @@ from loguru import logger
 
 from mlops.errors import DatasetError, ValidationError
 from mlops.progress import parallel_map, workers_for
-from mlops.volumes import like
+from mlops.volumes import NIFTI_SUFFIXES, like, strip_suffix
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 FILE_ENDING = ".nii.gz"
 TASK_RE = re.compile(r"^Task(\d+)_(.+)$")
 # Geometry tolerance between an image and its label (world-coordinate units, mm).
@@ -71,14 +70,6 @@ class DecathlonTask:
     def task_name(self) -> str:
         m = TASK_RE.match(self.root.name)
         return m.group(2) if m else str(self.meta.get("name") or self.root.name)
-
-
-def strip_suffix(name: str) -> str:
-    """``case.nii.gz`` -> ``case``."""
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _is_volume_file(path: Path) -> bool:
@@ -350,3 +341,12 @@ def convert_task(task: DecathlonTask, out_dir: Path, num_workers: int = 1) -> Co
         files_copied=sum(r.copied for r in results),
         files_encoded=sum(r.encoded for r in results),
     )
+
+
+def task_folder_name(source: Path) -> str:
+    """A task's folder name from its folder or archive (``Task04_Hippocampus.tar`` -> ``Task04_Hippocampus``)."""
+    name = source.name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name

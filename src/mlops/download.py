@@ -13,21 +13,14 @@ import httpx
 from loguru import logger
 
 from mlops.errors import DownloadError
+from mlops.files import sha256 as file_sha256
 from mlops.progress import progress_bar
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, sha256: str | None, timeout_s: float = 60, chunk_bytes: int = 1 << 20) -> Path:
     """Download ``url`` to ``dest``; skip if ``dest`` already has the expected checksum."""
     dest = Path(dest)
-    if dest.is_file() and sha256 and sha256_file(dest) == sha256.lower():
+    if dest.is_file() and sha256 and file_sha256(dest) == sha256.lower():
         logger.info(f"{dest} already downloaded (SHA-256 verified)")
         return dest
     try:

@@ -15,8 +15,6 @@ images against its test images), ``drift_profile_vs_test`` (the model's profile 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -25,17 +23,18 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from mlops.config import save_config
-from mlops.decathlon import read_task
 from mlops.errors import ConfigError, DatasetError, MlopsError
+from mlops.files import write_atomic
+from mlops.models import model_dir
 from mlops.monitoring.compare import DriftSummary, compare, thresholds
-from mlops.monitoring.profile import input_row, load_case, model_key, profile_path, read_profile
+from mlops.monitoring.profile import input_row, model_key, profile_path, profile_reference, read_profile
 from mlops.monitoring.report import write_report
-from mlops.monitoring.signals import SIGNAL_COLUMNS
 from mlops.monitoring.stats import orientation, raw_stats
 from mlops.monitoring.store import read_records
+from mlops.pipeline import load_segmenter
 from mlops.progress import parallel_map, track, workers_for
-
-array_stats = raw_stats  # the raw statistics of one volume (kept under its old name)
+from mlops.volumes import read_case_arrays
+from mlops.workspace import available_folds, config_folds, source_folder, task_images
 
 
 def volume_stats(path: Path) -> dict[str, float | str]:
@@ -43,33 +42,11 @@ def volume_stats(path: Path) -> dict[str, float | str]:
     try:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
-        row: dict[str, float | str] = {"case": path.name, **array_stats(data, img.header.get_zooms())}
+        row: dict[str, float | str] = {"case": path.name, **raw_stats(data, img.header.get_zooms())}
         row["orientation"] = orientation(img.affine)
     except Exception as exc:
         raise DatasetError(f"{path}: unreadable volume ({type(exc).__name__}: {exc})") from exc
     return row
-
-
-def task_images(source: Path, require_test: bool = True) -> tuple[list[Path], list[Path]]:
-    """(training images, test images) of a Decathlon task folder or a prepared nnU-Net raw dataset folder."""
-    meta_path = source / "dataset.json"
-    if not meta_path.is_file():
-        raise DatasetError(f"{source}: no dataset.json (expected a Decathlon task or an nnU-Net raw dataset folder)")
-    meta = json.loads(meta_path.read_text())
-    if "channel_names" in meta:  # nnU-Net raw dataset: channel 0 files
-
-        def listing(folder: str) -> list[Path]:
-            return sorted(p for p in (source / folder).glob("*_0000.nii*") if not p.name.startswith("."))
-
-        train, test = listing("imagesTr"), listing("imagesTs") if (source / "imagesTs").is_dir() else []
-    else:
-        task = read_task(source)
-        train, test = [c.image for c in task.training], [c.image for c in task.test]
-    if not train:
-        raise DatasetError(f"{source}: no training images")
-    if not test and require_test:
-        raise DatasetError(f"{source}: no test images (imagesTs) to compare with the training images")
-    return train, test
 
 
 def collect(paths: list[Path], workers: int, description: str) -> list[dict]:
@@ -77,31 +54,7 @@ def collect(paths: list[Path], workers: int, description: str) -> list[dict]:
     return parallel_map(volume_stats, paths, workers, description)
 
 
-def drift_source(cfg: DictConfig) -> Path:
-    """``drift.source``, else this dataset's prepared raw folder, else ``dataset.source`` when it is a folder."""
-    if cfg.drift.get("source"):
-        return Path(cfg.drift.source)
-    from mlops.prepare import dataset_identity
-
-    raw = Path(os.environ.get("nnUNet_raw") or cfg.paths.raw) / dataset_identity(cfg).folder
-    if (raw / "dataset.json").is_file():
-        return raw
-    if Path(cfg.dataset.source).is_dir():
-        return Path(cfg.dataset.source)
-    raise DatasetError(f"{raw}: no prepared dataset, and {cfg.dataset.source} is not a folder; pass SOURCE")
-
-
-def profile_reference(profile: dict) -> list[dict]:
-    """The profile's rows for a comparison: training inputs, plus the validation cases' output signals only (their
-    inputs are already among the training cases)."""
-    signals = [{k: v for k, v in row.items() if k in SIGNAL_COLUMNS or k.startswith("volume_ml_")}
-               for row in profile.get("validation", [])]  # fmt: skip
-    return [*profile["reference"], *signals]
-
-
 def _model_folder(cfg: DictConfig) -> Path | None:
-    from mlops.predict import model_dir
-
     try:
         return model_dir(cfg)
     except MlopsError:
@@ -133,7 +86,7 @@ def run_drift(cfg: DictConfig) -> DriftSummary:
     profile = read_profile(folder, folds) if has_profile and ref_mode != "source" else None  # type: ignore[arg-type]
     source, train, test = None, [], []
     if profile is None or mode == "test":
-        source = drift_source(cfg)
+        source = source_folder(cfg)
         if not source.is_dir():
             raise DatasetError(f"{source}: no such folder")
         train, test = task_images(source, require_test=mode == "test")
@@ -164,11 +117,8 @@ def run_drift(cfg: DictConfig) -> DriftSummary:
         summary = compare(reference, current, model=model, **thresholds(cfg))
     html, summary_json = report_paths(cfg, name)
     write_report(summary, reference, current, html)
-    summary_json.parent.mkdir(parents=True, exist_ok=True)
     summary.summary_file = str(summary_json)
-    tmp = summary_json.with_name(summary_json.name + ".tmp")
-    tmp.write_text(summary.to_json())
-    tmp.replace(summary_json)
+    write_atomic(summary_json, summary.to_json())
     save_config(cfg, html.with_name(html.stem + "_config.yaml"))
     return summary
 
@@ -184,13 +134,10 @@ def report_paths(cfg: DictConfig, name: str) -> tuple[Path, Path]:
 
 def _folds(cfg: DictConfig, folder: Path | None) -> list[int | str]:
     """``predict.folds``, or (null) every fold of the model that has the checkpoint; [] without a model."""
-    from mlops import nnunet
-
     if folder is None or not (folder / "plans.json").is_file():
         return []
-    if cfg.predict.folds is not None:
-        return [f if f == "all" else int(f) for f in cfg.predict.folds]
-    return nnunet.available_folds(folder, str(cfg.predict.checkpoint))
+    chosen = config_folds(cfg)
+    return available_folds(folder, str(cfg.predict.checkpoint)) if chosen is None else chosen
 
 
 def _key_of(cfg: DictConfig, folder: Path | None) -> str:
@@ -202,12 +149,10 @@ def _key_of(cfg: DictConfig, folder: Path | None) -> str:
 
 def test_image_rows(cfg: DictConfig, folder: Path | None, images: list[Path]) -> list[dict]:
     """Input statistics of test images as the model's profile has them (raw, normalised, geometry)."""
-    from mlops.predict import load_segmenter
-
     segmenter = load_segmenter(cfg, folder)  # type: ignore[arg-type]
     rows = []
     for path in track(images, f"Statistics of {len(images)} test volumes", total=len(images)):
-        data, spacing, affine = load_case(path, int(segmenter.num_channels))
+        data, spacing, affine = read_case_arrays(path, int(segmenter.num_channels))
         row, _ = input_row(segmenter, data, spacing, affine)
         rows.append({"case": path.name, **row})
     return rows

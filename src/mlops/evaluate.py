@@ -13,9 +13,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from loguru import logger
 
-from mlops.decathlon import NIFTI_SUFFIXES, strip_suffix
 from mlops.errors import DatasetError
+from mlops.nnunet import confusion_counts
+from mlops.volumes import NIFTI_SUFFIXES, strip_suffix
 
 METRICS = ("dice", "iou", "precision", "recall", "volume_error_mm3", "relative_volume_error", "hd95_mm")
 
@@ -84,8 +86,6 @@ def label_metrics(
     neither, precision with no predicted voxel, recall and relative volume error with no reference voxel, HD95
     unless both have the label.
     """
-    from mlops.nnunet import confusion_counts
-
     p, r = pred == label, ref == label
     tp, fp, fn, _ = confusion_counts(r, p)
     nan = float("nan")
@@ -190,7 +190,8 @@ def model_validation_warnings(model_dir: Path, folds: list[int | str], threshold
     warnings = []
     try:
         labels = labels_from_dataset_json(model_dir / "dataset.json")
-    except (OSError, ValueError, KeyError, DatasetError):
+    except (OSError, ValueError, KeyError, DatasetError) as exc:
+        logger.warning(f"{model_dir / 'dataset.json'}: unreadable ({exc}); validation Dice not checked")
         return warnings
     for fold in folds:
         summary = model_dir / f"fold_{fold}" / "validation" / "summary.json"
@@ -198,7 +199,8 @@ def model_validation_warnings(model_dir: Path, folds: list[int | str], threshold
             continue
         try:
             weak = weak_labels(from_nnunet_summary(summary, labels), threshold)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning(f"{summary}: unreadable nnU-Net validation summary ({type(exc).__name__}: {exc})")
             continue
         if weak:
             shown = ", ".join(f"{n} {v:.3f}" for n, v in weak.items())

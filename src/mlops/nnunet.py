@@ -1,8 +1,8 @@
 """The one module that imports ``nnunetv2`` and knows its quirks.
 
 Quirks handled here:
-- nnU-Net reads ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` from the environment; :func:`export_paths`
-  sets them (absolute) before any nnU-Net call.
+- nnU-Net reads ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` from the environment;
+  :func:`mlops.workspace.export_folders` sets them (absolute) before any nnU-Net call.
 - nnU-Net looks classes up by name by importing every module of a package (``recursive_find_python_class``). For
   trainers that walk reaches variants importing ``timm``, hence ``torchvision``, whose only wheel here is a CUDA build
   that fails to import beside CPU torch. We therefore import the default fingerprint extractor, planner and trainer
@@ -24,21 +24,12 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from mlops.errors import PipelineError
+from mlops.workspace import PATH_VARS, TRAINER_NAME, available_folds
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `mlops --help` must not pay for torch
     import numpy as np
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-PATH_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-
-
-def export_paths(raw: Path, preprocessed: Path, results: Path) -> None:
-    """Create nnU-Net's three folders and export them as absolute paths for nnU-Net (and its worker processes)."""
-    for var, path in zip(PATH_VARS, (raw, preprocessed, results), strict=True):
-        path = Path(path).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        os.environ[var] = str(path)
 
 
 class _LogWriter(io.TextIOBase):
@@ -126,7 +117,6 @@ def plan_and_preprocess(
 
 
 # ------------------------------------------------------------------------------------------------------ training
-TRAINER_NAME = "nnUNetTrainer"  # checkpoints name this class; nnU-Net finds it without walking the variants
 
 
 @dataclass
@@ -200,11 +190,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cuda", "mps", "cpu"):
         raise PipelineError(f"unknown device {name!r}; choose auto, cuda, cpu or mps")
     return torch.device(name)
-
-
-def model_folder(dataset_folder: str, configuration: str, plans_identifier: str = "nnUNetPlans") -> Path:
-    """nnU-Net's results folder for a trained configuration (the ``--model`` folder of predict)."""
-    return Path(os.environ["nnUNet_results"]) / dataset_folder / f"{TRAINER_NAME}__{plans_identifier}__{configuration}"
 
 
 def build_trainer(settings: TrainSettings, device: torch.device) -> nnUNetTrainer:
@@ -493,16 +478,6 @@ def train_fold_ddp(settings: TrainSettings, num_gpus: int) -> None:
 # ----------------------------------------------------------------------------------------------------- inference
 # The engine in ``mlops.inference`` runs the network; everything that decides the answer (preprocessing, tiling,
 # Gaussian weighting, resampling back, argmax, un-cropping) is nnU-Net's own code, called from here.
-def available_folds(model_dir: Path, checkpoint: str = "checkpoint_final.pth") -> list[int | str]:
-    """Folds of a trained model folder that have ``checkpoint``."""
-    folds: list[int | str] = []
-    for sub in sorted(model_dir.glob("fold_*")):
-        if (sub / checkpoint).is_file():
-            name = sub.name.removeprefix("fold_")
-            folds.append(int(name) if name.isdigit() else name)
-    return folds
-
-
 @dataclass
 class TrainedNetwork:
     """A trained nnU-Net model as the engine needs it, loaded once.

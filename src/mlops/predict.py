@@ -6,11 +6,10 @@ In a folder, a bad file is reported and skipped; the others are still segmented,
 
 from __future__ import annotations
 
-import time
+import pickle
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -18,28 +17,12 @@ import torch
 from loguru import logger
 from omegaconf import DictConfig
 
-from mlops.errors import ConfigError, MlopsError, PipelineError
 from mlops.inference import Segmenter
-from mlops.inference.segmenter import Prepared
-from mlops.monitoring.signals import observe, volume_signals
+from mlops.models import model_dir
 from mlops.outputs import check_collisions, check_output_file, check_output_folder
+from mlops.pipeline import Case, budget, finish_case, load_segmenter, read_case, run_network
 from mlops.progress import track
-from mlops.volumes import (
-    CHANNEL_ANY,
-    CHANNEL_SUFFIX,
-    Budget,
-    InputError,
-    ModelGrid,
-    check_volume,
-    is_nifti_name,
-    label_volumes,
-    load_nifti,
-    output_name,
-    segmentation_like,
-)
-
-if TYPE_CHECKING:
-    from mlops.best import BestChoice
+from mlops.volumes import CHANNEL_ANY, CHANNEL_SUFFIX, Budget, InputError, is_nifti_name, output_name
 
 
 @dataclass
@@ -53,112 +36,6 @@ class CasePrediction:
     model: str = ""  # the model folder's name
     folds: list[str] = field(default_factory=list)
     signals: dict[str, float | None] = field(default_factory=dict)  # mlops.monitoring.signals: output signals
-
-
-def model_dir(cfg: DictConfig, override: Path | None = None) -> Path:
-    """The model folder: ``--model``, else ``predict.model_dir``, else where `mlops train` puts this dataset's model."""
-    if override is not None:
-        return Path(override)
-    if cfg.predict.get("model_dir"):
-        return Path(cfg.predict.model_dir)
-    choice = best_choice(cfg)
-    if choice is not None:
-        if choice.ensemble:
-            raise PipelineError(
-                f"`mlops find-best` chose an ensemble of {len(choice.model_dirs)} configurations for {choice.dataset}; "
-                f"mlops predicts with one configuration: run nnU-Net's commands in {choice.instructions}, or choose "
-                "one with --model (or predict.best=false)"
-            )
-        return Path(choice.model_dirs[0])
-    from mlops.train import export_paths, model_dir_for, prepared_dataset
-
-    export_paths(cfg)
-    try:
-        identity, _ = prepared_dataset(cfg)
-    except MlopsError:
-        from mlops.prepare import dataset_identity
-
-        identity = dataset_identity(cfg)
-    return model_dir_for(cfg, identity)
-
-
-def best_choice(cfg: DictConfig) -> BestChoice | None:
-    """`mlops find-best`'s choice for this dataset, unless a model was chosen by hand or ``predict.best=false``."""
-    if cfg.predict.get("model_dir") or not cfg.predict.get("best", True):
-        return None
-    from mlops.best import read_choice
-
-    return read_choice(cfg)
-
-
-def load_segmenter(cfg: DictConfig, folder: Path) -> Segmenter:
-    if not (folder / "plans.json").is_file():
-        from mlops.datasets import inventory
-
-        raise PipelineError(
-            f"no trained model in {folder}; train one with `mlops train --fold 0` "
-            f"(or point to an nnU-Net results folder with --model); {inventory(cfg)}"
-        )
-    folds = None if cfg.predict.folds is None else [f if f == "all" else int(f) for f in cfg.predict.folds]
-    choice = best_choice(cfg)
-    if choice is not None and Path(choice.model_dirs[0]).resolve() != folder.resolve():
-        choice = None
-    if choice is not None:
-        folds = list(choice.folds)
-    t0 = time.perf_counter()
-    seg = Segmenter(
-        folder,
-        folds=folds,
-        checkpoint=str(cfg.predict.checkpoint),
-        device=str(cfg.predict.device),
-        tta=bool(cfg.predict.tta),
-        tile_step_size=float(cfg.predict.tile_step_size),
-        backend=str(cfg.predict.get("backend", "auto")),
-        precision=str(cfg.predict.get("precision", "auto")),
-        max_batch=cfg.predict.get("max_batch"),
-        threads=cfg.predict.get("threads"),
-    )
-    logger.info(
-        f"Loaded {folder.name} folds {seg.folds} on {seg.device} ({seg.backend}, {seg.precision}) "
-        f"in {time.perf_counter() - t0:.1f} s"
-    )
-    if choice is not None:
-        from mlops import nnunet
-
-        seg.postprocessing, steps = nnunet.load_postprocessing(Path(choice.postprocessing))
-        logger.info(
-            f"find-best's choice: folds {choice.folds}, post-processing {steps or 'none'} "
-            f"(cross-validation Dice {choice.dice_before_pp:.4f} -> {choice.dice_after_pp:.4f})"
-        )
-    from mlops.evaluate import model_validation_warnings
-
-    for warning in model_validation_warnings(folder, list(seg.folds)):
-        logger.warning(warning)
-    return seg
-
-
-def parse_folds(text: str) -> list[int | str]:
-    """``0,1,2`` or ``all`` -> fold ids, with a clear error for anything else."""
-    folds: list[int | str] = []
-    for item in (t.strip() for t in text.split(",")):
-        if item == "all":
-            folds.append(item)
-        elif item.isdigit():
-            folds.append(int(item))
-        else:
-            raise ConfigError(f"--folds {text!r}: expected comma-separated fold numbers (0,1,2) or 'all'")
-    return folds
-
-
-@dataclass
-class LoadedCase:
-    """A case decoded, checked and preprocessed, waiting for the network."""
-
-    src: Path
-    dst: Path
-    image: nib.Nifti1Image
-    prepared: Prepared
-    started: float
 
 
 def group_channels(files: list[Path], num_channels: int) -> tuple[list[Path], dict[Path, list[Path]]]:
@@ -200,82 +77,47 @@ def _is_4d(path: Path) -> bool:
         return False  # unreadable: reported with its name when the case is read
 
 
-def _load_channels(files: list[Path], max_voxels: int | None) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """Channel files of one case stacked channels-last, after checking they share one grid."""
-    first = load_nifti(files[0], max_voxels)
-    arrays = [check_volume(first, str(files[0]), 1)]
-    for f in files[1:]:
-        img = load_nifti(f, max_voxels)
-        if img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine, atol=1e-4):
-            raise InputError(
-                f"{f}: shape {img.shape} / affine differ from {files[0].name} {first.shape}: channels of one case "
-                "must share one grid",
-                400,
-            )
-        arrays.append(check_volume(img, str(f), 1))
-    return first, np.stack([a.astype(np.float32, copy=False) for a in arrays], axis=-1)
-
-
-def load_case(
+def write_case(
     segmenter: Segmenter,
     src: Path,
     dst: Path,
-    max_voxels: int | None,
-    budget: Budget | None = None,
-    channel_files: list[Path] | None = None,
-) -> LoadedCase:
-    """Decode, check (header first, then data) and preprocess one file: the work that overlaps the network's."""
-    t0 = time.perf_counter()
-    if channel_files and len(channel_files) > 1:
-        img, data = _load_channels(channel_files, max_voxels)
-        if budget is not None:
-            budget.check(str(src), data.shape, tuple(float(z) for z in img.header.get_zooms()[:3]), data.itemsize)
-    else:
-        img = load_nifti(src, max_voxels, budget)
-        data = check_volume(img, str(src), segmenter.num_channels, budget)
-    prepared = segmenter.prepare(data, tuple(float(z) for z in img.header.get_zooms()[:3]))
-    return LoadedCase(src, dst, img, prepared, t0)
-
-
-def write_case(
-    segmenter: Segmenter,
-    case: LoadedCase,
+    case: Case,
     logits: torch.Tensor,
-    signals: dict | None = None,
+    signals: dict,
     save_probabilities: bool = False,
 ) -> CasePrediction:
-    """nnU-Net's export of the logits to the input's grid, saved atomically with the input's geometry; with
-    ``save_probabilities`` also ``<case>.npz`` (``probabilities``: classes x z x y x) and ``<case>.pkl`` (the
-    case's properties), nnU-Net's ``--save_probabilities`` layout."""
-    if save_probabilities:
-        import pickle
-
-        seg, probs = segmenter.finish_with_probabilities(case.prepared, logits)
-        stem = case.dst.parent / case.dst.name.split(".nii")[0]
-        case.dst.parent.mkdir(parents=True, exist_ok=True)
+    """The finished case saved atomically with the input's geometry; with ``save_probabilities`` also ``<case>.npz``
+    (``probabilities``: classes x z x y x) and ``<case>.pkl`` (the case's properties), nnU-Net's
+    ``--save_probabilities`` layout."""
+    result = finish_case(segmenter, case, logits, signals, probabilities=save_probabilities)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if result.probabilities is not None:
+        stem = dst.parent / dst.name.split(".nii")[0]
         tmp = stem.with_name(f".{stem.name}.part.npz")
         try:
-            np.savez_compressed(tmp, probabilities=probs.astype(np.float32))
+            np.savez_compressed(tmp, probabilities=result.probabilities.astype(np.float32))
             tmp.replace(stem.with_suffix(".npz"))
         finally:
             tmp.unlink(missing_ok=True)
         stem.with_suffix(".pkl").write_bytes(pickle.dumps(case.prepared.props))
-    else:
-        seg = segmenter.finish(case.prepared, logits)
-    out = segmentation_like(seg, case.image)
-    case.dst.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii" if case.dst.name.lower().endswith(".nii") else ".nii.gz"  # nibabel compresses by the suffix
-    tmp = case.dst.with_name(f".{case.dst.name}.part{suffix}")
+    suffix = ".nii" if dst.name.lower().endswith(".nii") else ".nii.gz"  # nibabel compresses by the suffix
+    tmp = dst.with_name(f".{dst.name}.part{suffix}")
     try:
-        nib.save(out, tmp)
-        tmp.replace(case.dst)
+        nib.save(result.image, tmp)
+        tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
-    volumes = label_volumes(seg, case.image, segmenter.labels)
     return CasePrediction(
-        case.src, case.dst, tuple(seg.shape), volumes, time.perf_counter() - case.started, dict(segmenter.labels),
-        segmenter.model_dir.name, [str(f) for f in segmenter.folds], {**(signals or {}), **volume_signals(volumes)},
+        src, dst, tuple(result.labels.shape), result.volumes, result.seconds, dict(segmenter.labels),
+        segmenter.model_dir.name, [str(f) for f in segmenter.folds], result.signals,
     )  # fmt: skip
+
+
+def load_case(
+    segmenter: Segmenter, src: Path, max_voxels: int | None, limits: Budget | None, channels: list[Path] | None
+) -> Case:
+    """One case of `mlops predict`: its file, or its channel files."""
+    return read_case(segmenter, channels if channels and len(channels) > 1 else [src], max_voxels, limits)
 
 
 COLLISION_HINT = "\nRename those files, or segment them from separate folders."
@@ -310,9 +152,7 @@ def predict(
         check_output_file(targets[0][1], [source])
     segmenter = load_segmenter(cfg, model_dir(cfg, model))
     max_voxels = int(cfg.predict.max_voxels) if cfg.predict.get("max_voxels") else None
-    budget = None
-    if cfg.predict.get("max_request_mib"):
-        budget = Budget(ModelGrid.of(segmenter), int(float(cfg.predict.max_request_mib) * 2**20))
+    limits = budget(segmenter, cfg.predict.get("max_request_mib"))
     groups: dict[Path, list[Path]] = {}
     if segmenter.num_channels > 1:
         if source.is_dir():
@@ -328,9 +168,10 @@ def predict(
             check_output_file(targets[0][1], [source, *groups.get(source, [])])
     member_mib = float(cfg.monitor.max_member_mib)
     if len(targets) == 1:
-        case = load_case(segmenter, *targets[0], max_voxels, budget, groups.get(targets[0][0]))
-        return [write_case(segmenter, case, *observe(segmenter, case.prepared, tta, None, member_mib),
-                           save_probabilities)]  # fmt: skip
+        src, dst = targets[0]
+        case = load_case(segmenter, src, max_voxels, limits, groups.get(src))
+        logits, signals = run_network(segmenter, case, tta, None, member_mib)
+        return [write_case(segmenter, src, dst, case, logits, signals, save_probabilities)]
 
     results: list[CasePrediction] = []
     failures: list[str] = []
@@ -356,20 +197,20 @@ def predict(
             failed(src, exc)
 
     with ThreadPoolExecutor(1, "mlops-load") as loader, ThreadPoolExecutor(1, "mlops-write") as writer:
-        loads = {0: loader.submit(load_case, segmenter, *targets[0], max_voxels, budget, groups.get(targets[0][0]))}
+        loads = {0: loader.submit(load_case, segmenter, targets[0][0], max_voxels, limits, groups.get(targets[0][0]))}
         writing: tuple[Path, Future[CasePrediction]] | None = None
-        for i, (src, _) in enumerate(track(targets, "Segmenting", total=len(targets))):
+        for i, (src, dst) in enumerate(track(targets, "Segmenting", total=len(targets))):
             if i + 1 < len(targets):  # decode + preprocess the next case while this one runs
-                nxt = targets[i + 1]
-                loads[i + 1] = loader.submit(load_case, segmenter, *nxt, max_voxels, budget, groups.get(nxt[0]))
+                nxt = targets[i + 1][0]
+                loads[i + 1] = loader.submit(load_case, segmenter, nxt, max_voxels, limits, groups.get(nxt))
             try:
                 case = loads.pop(i).result()
-                logits, signals = observe(segmenter, case.prepared, tta, None, member_mib)
+                logits, signals = run_network(segmenter, case, tta, None, member_mib)
             except Exception as exc:
                 failed(src, exc)
                 continue
             collect(writing)
-            writing = (src, writer.submit(write_case, segmenter, case, logits, signals, save_probabilities))
+            writing = (src, writer.submit(write_case, segmenter, src, dst, case, logits, signals, save_probabilities))
         collect(writing)
     if failures:
         raise InputError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -22,23 +21,14 @@ from omegaconf import DictConfig
 
 from mlops import nnunet
 from mlops.config import save_config
-from mlops.decathlon import TASK_RE, convert_task, open_source, read_task
-from mlops.errors import ConfigError, DatasetError
+from mlops.decathlon import convert_task, open_source, read_task
+from mlops.errors import DatasetError
+from mlops.files import write_atomic
+from mlops.workspace import PATH_VARS, PRE_STAMP, DatasetIdentity, dataset_identity, export_folders
 
 # Bump when the conversion output changes, so existing datasets are rebuilt.
 CONVERTER_VERSION = 1
 RAW_STAMP = "mlops_source.json"
-PRE_STAMP = "mlops_preprocess.json"
-
-
-@dataclass
-class DatasetIdentity:
-    id: int
-    name: str
-
-    @property
-    def folder(self) -> str:
-        return f"Dataset{self.id:03d}_{self.name}"
 
 
 @dataclass
@@ -53,35 +43,6 @@ class PrepareResult:
     preprocessed: list[str] = field(default_factory=list)
     conversion_s: float = 0.0
     preprocessing_s: float = 0.0
-
-
-def _task_folder_name(source: Path) -> str:
-    name = source.name
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def dataset_identity(cfg: DictConfig, source: Path | None = None) -> DatasetIdentity:
-    """nnU-Net id and name: from the config when set, else from the Decathlon name ``TaskNN_Name`` of the source."""
-    source = Path(cfg.dataset.source) if source is None else source
-    m = TASK_RE.match(_task_folder_name(source))
-    if m is None and source.is_dir() and not (source / "dataset.json").exists():
-        subs = [p for p in source.iterdir() if p.is_dir() and TASK_RE.match(p.name)]
-        m = TASK_RE.match(subs[0].name) if len(subs) == 1 else None
-    ds_id = cfg.dataset.id if cfg.dataset.id is not None else (int(m.group(1)) if m else None)
-    name = cfg.dataset.name if cfg.dataset.name is not None else (m.group(2) if m else None)
-    if ds_id is None or name is None:
-        raise ConfigError(
-            f"{source}: cannot derive the nnU-Net dataset id/name from this name (expected TaskNN_Name); "
-            "set dataset.id=NNN dataset.name=Name"
-        )
-    if not 1 <= int(ds_id) <= 999:
-        raise ConfigError(f"dataset.id must be between 1 and 999, got {ds_id}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", str(name)):
-        raise ConfigError(f"dataset.name {name!r} must be letters, digits, '-' or '_'")
-    return DatasetIdentity(int(ds_id), str(name))
 
 
 def _check_id_unique(identity: DatasetIdentity, roots: list[Path]) -> None:
@@ -117,9 +78,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=2))
 
 
 def _swap_into_place(staging: Path, final: Path) -> None:
@@ -243,8 +202,8 @@ def prepare(cfg: DictConfig, source: Path | None = None) -> PrepareResult:
         hint = " (run `mlops download` first)" if cfg.dataset.get("url") else ""
         raise DatasetError(f"{source}: no such Decathlon task folder or .tar{hint}")
     raw_root, pre_root, res_root = (Path(cfg.paths[k]) for k in ("raw", "preprocessed", "results"))
-    nnunet.export_paths(raw_root, pre_root, res_root)
-    raw_root, pre_root, res_root = (Path(os.environ[v]) for v in nnunet.PATH_VARS)
+    export_folders(raw_root, pre_root, res_root)
+    raw_root, pre_root, res_root = (Path(os.environ[v]) for v in PATH_VARS)
     identity = dataset_identity(cfg, source)
     _check_id_unique(identity, [raw_root, pre_root, res_root])
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlops import nnunet
 from mlops.config import save_config
-from mlops.errors import ConfigError, DatasetError
+from mlops.errors import ConfigError
 from mlops.evaluate import (
     NEAR_ZERO_DICE,
     DiceReport,
@@ -24,11 +23,9 @@ from mlops.evaluate import (
 )
 from mlops.interrupts import sigterm_as_interrupt
 from mlops.logs import add_file_sink
-from mlops.prepare import PRE_STAMP, DatasetIdentity, dataset_identity
 from mlops.progress import progress_bar
 from mlops.tracking import Tracker
-
-FOLDS = ("0", "1", "2", "3", "4", "all")
+from mlops.workspace import DatasetIdentity, export_paths, model_dir_for, parse_fold, prepared_dataset
 
 
 @dataclass
@@ -41,83 +38,6 @@ class TrainResult:
     resumed_from_epoch: int
     validation: DiceReport | None
     report_file: Path | None
-
-
-def parse_fold(value: object) -> int | str:
-    fold = str(value)
-    if fold not in FOLDS:
-        raise DatasetError(f"unknown fold {fold!r}; nnU-Net's 5-fold cross-validation has folds 0-4, or 'all'")
-    return "all" if fold == "all" else int(fold)
-
-
-def parse_fold_list(value: object) -> list[int | str]:
-    """``0``, ``all``, ``0,1,2`` or a range ``0-4`` -> the folds to train one after another (in the order given)."""
-    folds: list[int | str] = []
-    for item in (t.strip() for t in str(value).split(",")):
-        m = re.fullmatch(r"(\d)-(\d)", item)
-        for one in [str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)] if m else [item]:
-            fold = parse_fold(one)
-            if fold in folds:
-                raise DatasetError(f"--fold {value!r}: fold {fold} is listed twice")
-            folds.append(fold)
-    return folds
-
-
-def export_paths(cfg: DictConfig) -> None:
-    nnunet.export_paths(Path(cfg.paths.raw), Path(cfg.paths.preprocessed), Path(cfg.paths.results))
-
-
-def prepared_dataset(cfg: DictConfig) -> tuple[DatasetIdentity, Path]:
-    """The preprocessed dataset the config names (by id, as nnU-Net resolves it), or a clear error."""
-    identity = dataset_identity(cfg)
-    pre_root = Path(os.environ["nnUNet_preprocessed"])
-    matches = sorted(p for p in pre_root.glob(f"Dataset{identity.id:03d}_*") if p.is_dir())
-    if len(matches) == 1:
-        identity = DatasetIdentity(identity.id, matches[0].name.split("_", 1)[1])
-    plans = pre_root / identity.folder / f"{cfg.prepare.plans_identifier}.json"
-    if not plans.is_file():
-        from mlops.datasets import inventory
-
-        raise DatasetError(
-            f"{pre_root / identity.folder}: no preprocessed dataset (missing {plans.name}); "
-            f"run `mlops prepare` first (dataset.id={identity.id}), or choose another with --dataset: {inventory(cfg)}"
-        )
-    _check_preprocessed(cfg, pre_root / identity.folder, plans, identity)
-    return identity, pre_root / identity.folder
-
-
-def _check_preprocessed(cfg: DictConfig, pre_dir: Path, plans: Path, identity: DatasetIdentity) -> None:
-    """The configuration to train must be fully preprocessed (an interrupted `mlops prepare` leaves it half done).
-
-    `mlops prepare` stamps the configurations it finished; a dataset preprocessed by nnU-Net's own tools has no
-    stamp, and then every training case must have its preprocessed file.
-    """
-    configuration = str(cfg.train.configuration)
-    hint = f"run `mlops prepare` first (dataset.id={identity.id} prepare.configurations=[{configuration}])"
-    try:
-        planned = json.loads(plans.read_text()).get("configurations", {})
-        stamp_file = pre_dir / PRE_STAMP
-        stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
-        num_training = int(json.loads((pre_dir / "dataset.json").read_text()).get("numTraining", 0))
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{pre_dir}: unreadable preprocessed dataset ({type(exc).__name__}); {hint}") from None
-    if configuration not in planned:
-        return  # nnU-Net's trainer names the planned configurations in its own error
-    if stamp is not None and configuration in stamp.get("configurations", []):
-        return
-    data_dir = pre_dir / str(planned[configuration].get("data_identifier", ""))
-    cases = len(list(data_dir.glob("*.pkl"))) if data_dir.is_dir() else 0
-    if stamp is None and num_training and cases >= num_training:
-        return
-    raise DatasetError(
-        f"{pre_dir}: {configuration} is not fully preprocessed ({cases} of {num_training} cases in {data_dir.name}; "
-        f"was `mlops prepare` interrupted?); {hint}"
-    )
-
-
-def model_dir_for(cfg: DictConfig, identity: DatasetIdentity) -> Path:
-    """Where `mlops train` writes this dataset's model for ``train.configuration``."""
-    return nnunet.model_folder(identity.folder, str(cfg.train.configuration), str(cfg.prepare.plans_identifier))
 
 
 def validation_report(

@@ -18,12 +18,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from mlops.errors import MlopsError
+from mlops.errors import DatasetError, MlopsError
 
 GZIP_MAGIC = b"\x1f\x8b"
 HEADER_BYTES = 540  # NIfTI-2 header; NIfTI-1 is 348
 MAX_DATA_OFFSET = 16 << 20  # vox_offset beyond the header: extensions, never megabytes
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # longest first: stripping ".nii" from "x.nii.gz" would leave "x.nii"
 MM_PER_UNIT = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 CHANNEL_SUFFIX = re.compile(r"_0000(\.nii(\.gz)?)$", re.IGNORECASE)  # nnU-Net's channel 0: case_0000.nii.gz
@@ -43,11 +43,17 @@ def is_nifti_name(name: str) -> bool:
     return name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def strip_suffix(name: str) -> str:
+    """``case.nii.gz`` (any letter case) -> ``case``; other names unchanged."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def output_name(path: Path) -> str:
     """nnU-Net's convention: ``case_0000.nii.gz`` (channel 0) is segmented as ``case.nii.gz``."""
-    name = CHANNEL_SUFFIX.sub(r"\1", path.name)
-    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
-    return stem + ".nii.gz"
+    return strip_suffix(CHANNEL_SUFFIX.sub(r"\1", path.name)) + ".nii.gz"
 
 
 @dataclass(frozen=True)
@@ -371,3 +377,29 @@ def label_volumes(seg: np.ndarray, img: nib.Nifti1Image, labels: dict[int, str])
 def label_names(labels: dict[int, str]) -> dict[str, str]:
     """Label id -> name with string keys in id order, as JSON clients (the CLI's --json, /info, the page) read it."""
     return {str(k): v for k, v in sorted(labels.items())}
+
+
+def case_id(path: Path) -> str:
+    """``hippocampus_001.nii.gz`` and nnU-Net's ``hippocampus_001_0000.nii.gz`` -> ``hippocampus_001``."""
+    return strip_suffix(path.name).removesuffix("_0000")
+
+
+def channel_files(first: Path, channels: int) -> list[Path]:
+    """``case_0000.nii.gz`` -> the files of every channel of an nnU-Net raw case."""
+    name = first.name
+    return (
+        [first.with_name(name.replace("_0000.nii", f"_{c:04d}.nii")) for c in range(channels)]
+        if channels > 1
+        else [first]
+    )
+
+
+def read_case_arrays(path: Path, channels: int) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """(data (i, j, k[, c]), spacing, affine) of a case; errors name the file."""
+    try:
+        imgs = [nib.load(p) for p in channel_files(path, channels)]
+        arrays = [np.asanyarray(i.dataobj).astype(np.float32) for i in imgs]
+    except Exception as exc:
+        raise DatasetError(f"{path}: unreadable volume ({type(exc).__name__}: {exc})") from exc
+    data = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
+    return data, tuple(float(z) for z in imgs[0].header.get_zooms()[:3]), imgs[0].affine

@@ -21,6 +21,8 @@ from mlops.batch import sink
 from mlops.batch.sources import list_cases
 from mlops.batch.worker import SegmentActor, read_input
 from mlops.errors import ConfigError, PipelineError
+from mlops.models import best_choice, model_dir
+from mlops.workspace import available_folds, config_folds
 
 
 @dataclass
@@ -78,8 +80,6 @@ def start_ray(cfg: DictConfig) -> tuple[bool, float]:
 def _model_files(cfg: DictConfig, folder: Path) -> list[Path]:
     """What decides the answer of a prediction with this config (the actors load the same): each fold's checkpoint,
     and `mlops find-best`'s post-processing when its choice applies, as in `mlops predict`; or nnU-Net's error."""
-    from mlops.nnunet import available_folds
-    from mlops.predict import best_choice
 
     if not (folder / "plans.json").is_file():
         raise PipelineError(
@@ -88,7 +88,8 @@ def _model_files(cfg: DictConfig, folder: Path) -> list[Path]:
         )
     checkpoint = str(cfg.predict.checkpoint)
     found = available_folds(folder, checkpoint)
-    folds = found if cfg.predict.folds is None else [f if f == "all" else int(f) for f in cfg.predict.folds]
+    chosen = config_folds(cfg)
+    folds = found if chosen is None else chosen
     choice = best_choice(cfg)
     extra: list[Path] = []
     if choice is not None and Path(choice.model_dirs[0]).resolve() == folder:
@@ -113,7 +114,6 @@ def run_batch(cfg: DictConfig, source: str, dest: str, model: str | None = None)
 
     from mlops.inference.export import weights_sha256
     from mlops.inference.fetch import fetch_model
-    from mlops.predict import model_dir
 
     b = cfg.batch
     cases = list_cases(source, dest, str(b.path_column), str(b.subject_column), str(b.case_column),

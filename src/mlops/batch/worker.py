@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from mlops.batch import sink
 from mlops.errors import MlopsError
-from mlops.volumes import Budget, ModelGrid, check_volume, decode_nifti, label_volumes, segmentation_like, to_gzip_bytes
+from mlops.volumes import to_gzip_bytes
 
 
 def finished(row: dict[str, Any], model_sha256: str, tta: bool, force: bool, run_id: str) -> dict | None:
@@ -64,20 +64,19 @@ class SegmentActor:
     """One warm model per Ray actor; ``__call__`` segments a batch of read rows and returns their table rows."""
 
     def __init__(self, cfg: DictConfig, model_dir: str, model_uri: str | None, model_sha256: str, run_id: str) -> None:
+        from mlops import pipeline  # torch stays out of the read tasks: the actor alone loads it
         from mlops.inference.fetch import fetch_model
-        from mlops.monitoring.signals import SIGNAL_COLUMNS, observe
-        from mlops.predict import load_segmenter
+        from mlops.monitoring.signals import SIGNAL_COLUMNS
 
-        self.observe, self.signal_columns = observe, SIGNAL_COLUMNS  # torch stays out of the read tasks
+        self.pipeline, self.signal_columns = pipeline, SIGNAL_COLUMNS
 
         # A model given by URL is fetched once per node (the driver's copy is on another machine in a cluster).
         folder = fetch_model(model_uri, Path(cfg.batch.model_cache)) if model_uri else Path(model_dir)
-        self.segmenter = load_segmenter(cfg, folder)
+        self.segmenter = pipeline.load_segmenter(cfg, folder)
         self.tta = bool(cfg.predict.tta)
         self.model_sha256, self.run_id = model_sha256, run_id
         self.max_voxels = int(cfg.predict.max_voxels) if cfg.predict.get("max_voxels") else None
-        mib = cfg.predict.get("max_request_mib")
-        self.budget = Budget(ModelGrid.of(self.segmenter), int(float(mib) * 2**20)) if mib else None
+        self.budget = pipeline.budget(self.segmenter, cfg.predict.get("max_request_mib"))
         self.names = [name for value, name in sorted(self.segmenter.labels.items()) if value != 0]
         self.member_mib = float(cfg.monitor.max_member_mib)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -126,26 +125,22 @@ class SegmentActor:
         t0 = time.perf_counter()
         name = str(item["input"])
         try:
-            img = decode_nifti(bytes(item["data"]), name, self.max_voxels, self.budget)
-            data = check_volume(img, name, self.segmenter.num_channels, self.budget)
-            zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-            prepared = self.segmenter.prepare(data, zooms)
-            logits, signals = self.observe(self.segmenter, prepared, self.tta, None, self.member_mib)
-            seg = self.segmenter.finish(prepared, logits)
-            sink.write_bytes(str(item["output"]), to_gzip_bytes(segmentation_like(seg, img)))
+            case = self.pipeline.decode_case(self.segmenter, bytes(item["data"]), name, self.max_voxels, self.budget)
+            result = self.pipeline.segment_case(self.segmenter, case, self.tta, None, self.member_mib)
+            sink.write_bytes(str(item["output"]), to_gzip_bytes(result.image))
         except MlopsError as exc:
             logger.warning(str(exc))
             return self._row(item, "failed", error=str(exc))
         except Exception as exc:  # a case the engine cannot handle must not stop the cohort
             logger.opt(exception=exc).debug(f"{name}: segmentation failed")
             return self._row(item, "failed", error=f"{name}: segmentation failed ({type(exc).__name__}: {exc})")
-        volumes = label_volumes(seg, img, self.segmenter.labels)
+        signals = {k: result.signals.get(k) for k in self.signal_columns}
         row = self._row(
             item,
             "ok",
-            shape="x".join(str(s) for s in seg.shape),
-            spacing_mm="x".join(f"{z:g}" for z in zooms),
-            **{f"{n}_mm3": float(v) for n, v in volumes.items()},
+            shape="x".join(str(s) for s in result.labels.shape),
+            spacing_mm="x".join(f"{z:g}" for z in case.spacing),
+            **{f"{n}_mm3": float(v) for n, v in result.volumes.items()},
             **{k: float("nan") if v is None else float(v) for k, v in signals.items()},
             seconds=round(time.perf_counter() - t0, 3),
         )

@@ -35,7 +35,8 @@ def cpu_has_bf16() -> bool:
     the reference AVX2-only CPU, one 40x56x40 patch took 184 s in bf16 against about 0.2 s in fp32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
+    except (AttributeError, RuntimeError) as exc:  # a torch build without oneDNN: bf16 would be emulated
+        logger.debug(f"bf16 support unknown ({type(exc).__name__}: {exc}); treated as absent")
         return False
 
 

@@ -12,7 +12,6 @@ model is never served on an old verdict. ``auto`` then picks the fastest combina
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -22,11 +21,15 @@ import numpy as np
 import torch
 from loguru import logger
 
+from mlops.errors import DatasetError, MlopsError, PipelineError
 from mlops.inference import backends
-from mlops.inference.export import weights_sha256
+from mlops.inference.export import export_status, weights_sha256
+from mlops.inference.record import write_entry
+from mlops.inference.segmenter import Segmenter
 from mlops.progress import track
+from mlops.volumes import is_nifti_name, read_case_arrays
+from mlops.workspace import task_images, validation_cases
 
-CHECK_NAME = "inference_check.json"
 MIN_DICE, MIN_MEAN_DICE, NEAR_TIE_VOXELS = 0.99, 0.995, 3
 Case = tuple[str, np.ndarray, tuple[float, ...]]  # name, image (i, j, k[, c]), spacing (i, j, k)
 
@@ -80,10 +83,6 @@ def run_check(
 
     Each case is preprocessed once; every combination (nnU-Net's predictor first, the reference) runs the network and
     nnU-Net's export on it. One untimed warm-up pass per combination (OpenVINO compiles on first use)."""
-    from mlops.errors import PipelineError
-    from mlops.inference.export import export_status
-    from mlops.inference.segmenter import Segmenter
-
     if not cases:
         raise PipelineError(f"{model_dir}: no cases for the parity check")
     reference = Segmenter(model_dir, folds, checkpoint, device="cpu", tta=tta, tile_step_size=tile_step_size,
@@ -131,62 +130,21 @@ def run_check(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": [asdict(r) for r in results],
     }
-    _write(Path(model_dir), entry)
+    write_entry(Path(model_dir), entry)
     return entry
-
-
-def _write(model_dir: Path, entry: dict) -> None:
-    """Keep one entry per set of weights (e.g. fold 0 alone and the five-fold ensemble); atomic replace."""
-    path = model_dir / CHECK_NAME
-    entries = [e for e in _read_all(path) if e.get("weights_sha256") != entry["weights_sha256"]]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps({"version": 1, "checks": [*entries, entry]}, indent=2))
-    tmp.replace(path)
-    logger.info(f"Parity check written to {path}")
-
-
-def _read_all(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    try:
-        return list(json.loads(path.read_text()).get("checks", []))
-    except (OSError, ValueError, AttributeError) as exc:
-        logger.warning(f"{path}: unreadable parity check ({exc}); `mlops export` writes a new one")
-        return []
-
-
-def check_entry(model_dir: Path, checkpoints: list[Path]) -> dict | None:
-    """The check made with exactly these checkpoints (same weights, same folds), or None."""
-    entries = _read_all(Path(model_dir) / CHECK_NAME)
-    if not entries:
-        return None
-    key = weights_sha256(checkpoints)
-    return next((e for e in entries if e.get("weights_sha256") == key), None)
-
-
-def passed_fastest_first(entry: dict | None) -> list[dict] | None:
-    """The combinations of a check that passed, fastest first; None without a check."""
-    if entry is None:
-        return None
-    return sorted((r for r in entry.get("results", []) if r.get("passed")), key=lambda r: float(r["seconds_per_case"]))
 
 
 def check_images(cfg: object, model_dir: Path, fold: int | str, count: int, images: Path | None = None) -> list[Path]:
     """Up to ``count`` images to check on, evenly spread: from ``images`` (a folder) when given, else the fold's
     validation cases of the prepared dataset (cases the network did not train on), else none."""
-    from mlops.errors import DatasetError, MlopsError
-    from mlops.monitoring.profile import validation_cases
-
     if images is not None:
         if not Path(images).is_dir():
             raise DatasetError(f"{images}: not a folder of images for the parity check")
-        found = sorted(p for p in Path(images).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        found = sorted(p for p in Path(images).iterdir() if is_nifti_name(p.name))
         first_channels = [p for p in found if p.name.split(".")[0].endswith("_0000")]
         found = first_channels or found  # nnU-Net's layout (case_0000, case_0001, ...): one entry per case
     else:
         # The model's own dataset (plans.json names it), in this machine's nnU-Net folders: its raw images and splits.
-        from mlops.drift import task_images
-
         paths = cfg.paths  # type: ignore[attr-defined]
         try:
             name = json.loads((Path(model_dir) / "plans.json").read_text())["dataset_name"]
@@ -203,10 +161,9 @@ def check_images(cfg: object, model_dir: Path, fold: int | str, count: int, imag
 
 
 def load_check_cases(paths: list[Path], channels: int) -> list[Case]:
-    from mlops.monitoring.profile import load_case
-
+    """(name, data, spacing) of each case to check on; errors name the file."""
     cases = []
     for path in paths:
-        data, spacing, _ = load_case(path, channels)
+        data, spacing, _ = read_case_arrays(path, channels)
         cases.append((path.name, data, spacing))
     return cases

@@ -23,6 +23,7 @@ from loguru import logger
 
 from mlops import __version__
 from mlops.errors import PipelineError
+from mlops.files import sha256 as file_sha256
 
 FORMATS = ("onnx", "openvino")
 OPSET = 17
@@ -46,11 +47,7 @@ def sha256(path: Path) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(Path(path))
 
 
 def weights_sha256(checkpoints: list[Path]) -> str:
@@ -60,10 +57,6 @@ def weights_sha256(checkpoints: list[Path]) -> str:
     for checkpoint in checkpoints:
         digest.update(f"{checkpoint.parent.name}/{checkpoint.name}:{sha256(checkpoint)}\n".encode())
     return digest.hexdigest()
-
-
-def export_dir(model_dir: Path, fold: int | str) -> Path:
-    return Path(model_dir) / f"fold_{fold}" / "export"
 
 
 def export_fold(

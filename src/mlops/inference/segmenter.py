@@ -21,8 +21,8 @@ from loguru import logger
 from mlops import nnunet
 from mlops.errors import Cancelled, PipelineError
 from mlops.inference import backends
-from mlops.inference.check import CHECK_NAME, check_entry, passed_fastest_first
 from mlops.inference.export import export_status, exported_file
+from mlops.inference.record import CHECK_NAME, check_entry, passed_fastest_first
 from mlops.inference.window import sliding_window_logits
 
 

@@ -171,8 +171,8 @@ def _change(ref: float, cur: float) -> str:
 
 
 def robust_sd(values: np.ndarray) -> float:
-    """1.4826 x the median absolute deviation: the standard deviation of a normal sample, unmoved by outliers."""
-    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    """The median absolute deviation scaled to a normal sample's standard deviation (x 1.4826), unmoved by outliers."""
+    return float(st.median_abs_deviation(values, scale="normal"))
 
 
 SPREAD_FLOOR = 0.01  # of the reference median's magnitude: a near-constant statistic cannot give 1e5 SD

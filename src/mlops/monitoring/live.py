@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from mlops.errors import MlopsError
 from mlops.monitoring.compare import DriftSummary, compare, thresholds
-from mlops.monitoring.profile import model_key, profile_path, read_profile
+from mlops.monitoring.profile import model_key, profile_path, profile_reference, read_profile
 from mlops.monitoring.store import RequestStore, read_records
 
 
@@ -62,15 +62,14 @@ class LiveMonitor:
 
     def drift(self) -> tuple[DriftSummary, list[dict], list[dict]]:
         """(summary, reference rows, current rows) of the records so far against the model's profile."""
-        from mlops.drift import profile_reference
-
         if self.profile is None:
             raise MlopsError(f"{self.profile_file}: no reference profile for this model; `mlops monitor profile` "
                              "writes one")  # fmt: skip
         self.close()  # this instance's latest records are read back with the others'
         try:
             current = read_records(str(self.cfg.monitor.store), self.key)
-        except MlopsError:
+        except MlopsError as exc:  # the report still shows the reference; the log says why nothing is compared
+            logger.warning(f"drift: no request records read ({exc})")
             current = []
         reference = profile_reference(self.profile)
         summary = compare(reference, current, model=self.model_name, **thresholds(self.cfg))

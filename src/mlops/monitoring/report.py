@@ -11,6 +11,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlops.files import write_atomic
 from mlops.monitoring.compare import DriftSummary
 
 if TYPE_CHECKING:
@@ -91,9 +92,7 @@ def write_report(summary: DriftSummary, reference: list[dict], current: list[dic
     if snap is not None:
         outputs.append((path.with_name(path.stem + "_evidently.json"), snap.dumps()))
     for target, text in outputs:
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
+        write_atomic(target, text)
     summary.html = str(path)
     summary.snapshot = str(outputs[1][0]) if snap is not None else ""
     return path

@@ -82,3 +82,9 @@ def normalised_stats(prepared: np.ndarray) -> dict[str, float]:
         "norm_noise": noise,
         "norm_bias": max(halves) if halves else 0.0,
     }
+
+
+def input_statistics(data: np.ndarray, spacing: tuple[float, ...], affine: np.ndarray, normalised: np.ndarray) -> dict:
+    """Everything monitoring records of an input: raw statistics, geometry, orientation and what the network sees
+    (``normalised``: the case after nnU-Net's normalisation and resampling)."""
+    return {**raw_stats(data, spacing), "orientation": orientation(affine), **normalised_stats(normalised)}

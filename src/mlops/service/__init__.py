@@ -1,7 +1,11 @@
-"""What a person or a client meets around `POST /predict`: the viewer page at ``/``, Swagger UI and ReDoc from local
-assets, ``GET /info``, CORS, the optional bearer token and the access log.
+"""The service around `POST /predict` (the app itself is :func:`mlops.api.create_app`).
 
-:func:`install` adds all of it to the app that :func:`mlops.api.create_app` builds; nothing here loads from the
+What a person or a client meets: the viewer page at ``/`` (``page``), Swagger UI and ReDoc from local assets,
+``GET /info`` (``info``), CORS, the optional bearer token and the access log (``access``), JSON answers (``results``).
+What keeps it standing: Prometheus metrics (``metrics``), requests in flight, the SIGTERM drain and the upload guard
+(``limits``), and uvicorn around it all (``server``).
+
+:func:`install` adds the page, the docs, ``/info`` and the middleware to the app; nothing here loads from the
 internet at run time (the page's NiiVue, Swagger UI and ReDoc are shipped in ``static/vendor/`` with their licences).
 """
 

@@ -7,6 +7,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from mlops import __version__
 from mlops.evaluate import model_validation_warnings
 from mlops.palette import palette
@@ -27,7 +29,10 @@ def training_dice(model_dir: Path, folds: list[Any]) -> dict[str, Any] | None:
         summary = Path(model_dir) / f"fold_{fold}" / "validation" / "summary.json"
         try:
             per_fold.append(json.loads(summary.read_text()))
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            return None  # not validated (e.g. train.validate=false): /info says so with null
+        except (OSError, ValueError) as exc:
+            logger.warning(f"{summary}: unreadable nnU-Net validation summary ({type(exc).__name__})")
             return None
     if not per_fold:
         return None
@@ -35,7 +40,8 @@ def training_dice(model_dir: Path, folds: list[Any]) -> dict[str, Any] | None:
     try:
         per_label = {k: round(sum(s["mean"][k]["Dice"] for s in per_fold) / len(per_fold), 4) for k in labels}
         foreground = round(sum(s["foreground_mean"]["Dice"] for s in per_fold) / len(per_fold), 4)
-    except (KeyError, TypeError):
+    except (KeyError, TypeError) as exc:
+        logger.warning(f"{model_dir}: validation summaries without the expected Dice fields ({exc!r})")
         return None
     return {"foreground_mean": foreground, "per_label": per_label, "folds": [str(f) for f in folds]}
 
