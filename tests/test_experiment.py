@@ -92,6 +92,7 @@ def test_fold_lists() -> None:
         parse_folds("1,1")
 
 
+@pytest.mark.slow  # two folds trained around an interrupt: about a minute; the hint's text is in the default tier
 def test_resume_hint_executed_as_printed_resumes_the_run(
     prepared_synth: Workspace, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -189,6 +190,7 @@ def two_folds(prepared_synth: Workspace, trained_synth: TrainedModel, tmp_path_f
     return ws, proc
 
 
+@pytest.mark.slow  # a full pipeline (a second fold trained, validation re-run, find-best, predict): about 2.5 minutes
 def test_two_folds_then_validate_find_best_and_post_processed_predict(
     two_folds: tuple[Workspace, subprocess.CompletedProcess], synth_task: Path, tmp_path: Path
 ) -> None:
