@@ -7,6 +7,7 @@ the paths, and nothing written (the inputs byte for byte as before, no output fo
 from __future__ import annotations
 
 import gzip
+import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -166,3 +167,24 @@ def test_unreachable_source_and_missing_files_fail_in_seconds(tmp_path: Path) ->
     with pytest.raises(DatasetError, match=r"none of its 2000 row\(s\) names a readable file"):
         list_cases(str(manifest), str(tmp_path / "out"))
     assert time.monotonic() - t0 < 5
+
+
+def test_reports_and_stamps_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """files.write_atomic (summaries, reports, profiles, stamps, the parity record): a write that fails at the last
+    step leaves the previous file as it was and no temporary file behind."""
+    from mlops.files import sha256, write_atomic
+
+    target = tmp_path / "reports" / "drift_train_vs_test_summary.json"
+    write_atomic(target, '{"verdict": "no drift"}')
+    assert target.read_text() == '{"verdict": "no drift"}'
+    assert sha256(target) == hashlib.sha256(b'{"verdict": "no drift"}').hexdigest()
+
+    def fail(self: Path, other: Path) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(target, b'{"verdict": "drift"}')
+    monkeypatch.undo()
+    assert target.read_text() == '{"verdict": "no drift"}'
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
