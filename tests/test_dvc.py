@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,10 +27,10 @@ from .conftest import REPO
 
 BIN = Path(sys.executable).parent
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "init.defaultBranch=main"]
-# What dvc.yaml's stages read from the repository: the pipeline, its parameters, the configs and the code they hash.
-CODE = ("download", "decathlon", "prepare", "nnunet", "train", "tracking", "evaluate", "drift")
-PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "configs"]
-PIPELINE_FILES += [f"src/mlops/{m}.py" for m in CODE] + ["src/mlops/monitoring"]
+# What dvc.yaml's stages read from the repository: the pipeline, its parameters, the configs and the code they hash
+# (every src/mlops path dvc.yaml names as a dependency).
+CODE = sorted(set(re.findall(r"src/mlops/[\w/]+(?:\.py)?", (REPO / "dvc.yaml").read_text())))
+PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "configs", *CODE]
 MODEL = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
