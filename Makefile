@@ -57,7 +57,7 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed (apt-get install chromium): browser tests will skip"; fi; }
 
-# The default tier (pytest.ini selects `not slow`): 17:43 on 2 cores, measured with the test models cached.
+# The default tier (pytest.ini selects `not slow`): 14:34 on 2 cores, measured with the test models cached.
 test: install system-deps
 	$(BIN)/python -m pytest
 

@@ -8,16 +8,8 @@ import typer
 from loguru import logger
 from rich.table import Table
 
-from mlops.cli.common import (
-    DATASET_HELP,
-    app,
-    compose,
-    handle_errors,
-    out,
-    overrides_help,
-    split_args,
-    with_dataset,
-)
+from mlops.cli import common
+from mlops.cli.common import app, handle_errors
 from mlops.errors import ConfigError
 from mlops.interrupts import sigterm_as_interrupt
 
@@ -28,7 +20,7 @@ def synth(
     args: list[str] = typer.Argument(
         None,
         metavar="[OUT] [OVERRIDES]...",
-        help="Output task folder; " + overrides_help("synth.num_train=32 synth.seed=1"),
+        help="Output task folder; " + common.overrides_help("synth.num_train=32 synth.seed=1"),
     ),
     num_train: int = typer.Option(None, "--train", help="Training cases (default: synth.num_train)."),
     num_test: int = typer.Option(None, "--test", help="Test cases (default: synth.num_test)."),
@@ -40,8 +32,8 @@ def synth(
     """Generate a small synthetic Decathlon task (hippocampus-like, two labels) for demos and tests."""
     from mlops.synth import SynthSpec, generate_task
 
-    positional, overrides = split_args(args)
-    cfg = compose(
+    positional, overrides = common.split_args(args)
+    cfg = common.compose(
         overrides,
         **{
             "synth.output": positional[0] if positional else None,
@@ -55,21 +47,23 @@ def synth(
     s = cfg.synth
     spec = SynthSpec(int(s.num_train), int(s.num_test), int(s.channels), int(s.seed), float(s.intensity_shift))
     path = generate_task(Path(s.output), spec, overwrite=force)
-    out.print(f"Synthetic task written to [bold]{path}[/] (test labels in {path.name}_labelsTs beside it)")
+    common.out.print(f"Synthetic task written to [bold]{path}[/] (test labels in {path.name}_labelsTs beside it)")
 
 
 @app.command()
 @handle_errors
 def download(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=overrides_help("download.timeout_s=120")),
+    args: list[str] = typer.Argument(
+        None, metavar="[OVERRIDES]...", help=common.overrides_help("download.timeout_s=120")
+    ),
     url: str = typer.Option(None, "--url", help="Archive URL (default: dataset.url)."),
     dest: Path = typer.Option(None, "--dest", help="Where to save it (default: dataset.source)."),
 ) -> None:
     """Download the Decathlon task archive, verify its SHA-256, and save it where `mlops prepare` looks."""
     from mlops.download import download as fetch
 
-    _, overrides = split_args(args, max_positional=0)
-    cfg = compose(overrides, **{"dataset.url": url, "dataset.source": dest})
+    _, overrides = common.split_args(args, max_positional=0)
+    cfg = common.compose(overrides, **{"dataset.url": url, "dataset.source": dest})
     if not cfg.dataset.get("url"):
         raise ConfigError("no URL configured for this dataset; pass --url or dataset.url=...")
     with sigterm_as_interrupt():
@@ -80,7 +74,7 @@ def download(
             timeout_s=float(cfg.download.timeout_s),
             chunk_bytes=int(cfg.download.chunk_bytes),
         )
-    out.print(f"Downloaded [bold]{path}[/]")
+    common.out.print(f"Downloaded [bold]{path}[/]")
 
 
 @app.command()
@@ -90,18 +84,18 @@ def prepare(
         None,
         metavar="[SOURCE] [OVERRIDES]...",
         help="Decathlon task folder or .tar (default: dataset.source); "
-        + overrides_help("dataset.id=621 prepare.num_workers=4"),
+        + common.overrides_help("dataset.id=621 prepare.num_workers=4"),
     ),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     force: bool = typer.Option(False, "--force", help="Redo conversion and preprocessing even if up to date."),
     workers: int = typer.Option(None, "--workers", "-j", help="Worker processes (default: prepare.num_workers)."),
 ) -> None:
     """Convert a Decathlon task to nnU-Net's raw layout, then run nnU-Net's fingerprinting, planning, preprocessing."""
     from mlops.prepare import prepare as run_prepare
 
-    positional, overrides = split_args(args)
-    overrides = with_dataset(overrides, dataset)
-    cfg = compose(
+    positional, overrides = common.split_args(args)
+    overrides = common.with_dataset(overrides, dataset)
+    cfg = common.compose(
         overrides,
         **{
             "dataset.source": positional[0] if positional else None,
@@ -126,7 +120,7 @@ def prepare(
         f"{', '.join(result.preprocessed)} in {result.preprocessing_s:.1f} s" if result.preprocessed else "up to date",
     )
     table.add_row("preprocessed", str(result.preprocessed_dir))
-    out.print(table)
+    common.out.print(table)
     if not result.converted and not result.preprocessed:
-        out.print(f"{result.dataset} is up to date; use --force to redo it.")
+        common.out.print(f"{result.dataset} is up to date; use --force to redo it.")
     logger.debug(f"prepare finished: {result}")

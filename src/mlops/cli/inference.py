@@ -10,18 +10,8 @@ import typer
 from loguru import logger
 from rich.table import Table
 
-from mlops.cli.common import (
-    DATASET_HELP,
-    DEVICE_HELP,
-    app,
-    compose,
-    err,
-    handle_errors,
-    out,
-    overrides_help,
-    split_args,
-    with_dataset,
-)
+from mlops.cli import common
+from mlops.cli.common import app, handle_errors
 from mlops.config import load_config
 from mlops.errors import ConfigError
 from mlops.interrupts import sigterm_as_interrupt
@@ -45,14 +35,14 @@ def predict(
         None,
         metavar="INPUT [OVERRIDES]...",
         help="A .nii/.nii.gz file or a folder of them; "
-        + overrides_help("predict.backend=openvino predict.max_batch=4"),
+        + common.overrides_help("predict.backend=openvino predict.max_batch=4"),
     ),
     output: Path = typer.Option(None, "--output", "-o", help="Output file (file input) or folder (folder input)."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds to ensemble, or 'auto' for all trained."),
     no_tta: bool = typer.Option(False, "--no-tta", help="Turn off mirroring test-time augmentation (faster)."),
-    device: str = typer.Option(None, "--device", "-D", help=DEVICE_HELP + " (default: predict.device)."),
+    device: str = typer.Option(None, "--device", "-D", help=common.DEVICE_HELP + " (default: predict.device)."),
     as_json: bool = typer.Option(
         False, "--json", help="Print label volumes, output signals, seconds, labels, model, folds as JSON."
     ),
@@ -66,12 +56,12 @@ def predict(
 
     from mlops.predict import predict as run_predict
 
-    positional, overrides = split_args(args)
+    positional, overrides = common.split_args(args)
     if not positional:
         raise ConfigError("missing INPUT: a .nii/.nii.gz file or a folder of them")
     extra: dict[str, Any] = {"predict.device": device, "predict.tta": False if no_tta else None}
     extra.update(model_choice(model, folds))
-    overrides = with_dataset(overrides, dataset)
+    overrides = common.with_dataset(overrides, dataset)
     cfg = load_config([*overrides, *(f"{k}={v}" for k, v in extra.items() if v is not None)])
     results = run_predict(cfg, Path(positional[0]), output, model, save_probabilities=save_probabilities)
     previews = {}
@@ -91,7 +81,7 @@ def predict(
             }
             for r in results
         ]  # fmt: skip
-        out.print_json(json.dumps(payload))
+        common.out.print_json(json.dumps(payload))
         return
     names = list(results[0].volumes_mm3) if results else []
     table = Table(title="Label volumes (mm³)", title_justify="left")
@@ -103,9 +93,9 @@ def predict(
     for r in results:
         case = r.input.name.split(".nii")[0]
         table.add_row(case, str(r.output), *(f"{r.volumes_mm3[n]:.1f}" for n in names), f"{r.seconds:.2f}")
-    out.print(table)
+    common.out.print(table)
     for png in previews.values():
-        out.print(f"Preview written to {png}")
+        common.out.print(f"Preview written to {png}")
 
 
 @app.command()
@@ -115,10 +105,10 @@ def batch(
         None,
         metavar="SOURCE [OVERRIDES]...",
         help="Folder or fsspec prefix (gs://...) of NIfTI files, or a CSV/Parquet manifest; "
-        + overrides_help("batch.actors=4 predict.tta=false"),
+        + common.overrides_help("batch.actors=4 predict.tta=false"),
     ),
     output: str = typer.Option(..., "--output", "-o", help="Output folder or fsspec prefix (gs://...)."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     model: str = typer.Option(
         None, "--model", "-m", help="nnU-Net model folder, or its URL (gs://...) fetched once per node."
     ),
@@ -132,14 +122,14 @@ def batch(
     """Segment a cohort on Ray Data: every scan written under OUTPUT, plus volumes.parquet/.csv (one row a case)."""
     from mlops.batch import run_batch
 
-    positional, overrides = split_args(args)
+    positional, overrides = common.split_args(args)
     if not positional:
         raise ConfigError("missing SOURCE: a folder or URL prefix of NIfTI files, or a .csv/.parquet manifest")
     flags = [] if folds is None else ["predict.folds=" + ("null" if folds == "auto" else f"[{folds}]")]
     if folds is not None or model is not None:
         flags.append("predict.best=false")  # a model or folds chosen by hand: find-best's choice does not apply
-    overrides = with_dataset(overrides, dataset)
-    cfg = compose(
+    overrides = common.with_dataset(overrides, dataset)
+    cfg = common.compose(
         [*overrides, *flags],
         **{
             "predict.tta": False if no_tta else None,
@@ -154,7 +144,7 @@ def batch(
         import dataclasses
         import json
 
-        out.print_json(json.dumps({**dataclasses.asdict(s), "cases_per_second": round(s.cases_per_second, 4)}))
+        common.out.print_json(json.dumps({**dataclasses.asdict(s), "cases_per_second": round(s.cases_per_second, 4)}))
     else:
         table = Table(title=f"Batch {s.run_id}", show_header=False, title_justify="left")
         table.add_column(overflow="fold")
@@ -165,10 +155,10 @@ def batch(
         )
         table.add_row("model", s.model_sha256[:12])
         table.add_row("table", f"{s.table}\n{s.csv}")
-        out.print(table)
+        common.out.print(table)
     if s.failed:
         shown = "\n  - ".join(s.errors[:20]) + ("\n  - ..." if len(s.errors) > 20 else "")
-        err.print(
+        common.err.print(
             f"[bold red]Error:[/] {s.failed} of {s.cases} case(s) failed (each has its row and error in {s.csv}):"
             f"\n  - {shown}",
             highlight=False,
@@ -180,9 +170,9 @@ def batch(
 @app.command()
 @handle_errors
 def export(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=overrides_help("predict.device=cpu")),
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=common.overrides_help("predict.device=cpu")),
     model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds (default: every trained fold)."),
     formats: str = typer.Option("onnx,openvino", "--formats", help="Comma-separated: onnx, openvino."),
     check_cases: int = typer.Option(
@@ -200,8 +190,8 @@ def export(
     from mlops.models import model_dir
     from mlops.workspace import available_folds, parse_folds
 
-    _, overrides = split_args(args, max_positional=0)
-    cfg = compose(with_dataset(overrides, dataset))
+    _, overrides = common.split_args(args, max_positional=0)
+    cfg = common.compose(common.with_dataset(overrides, dataset))
     chosen = parse_folds(folds, "--folds") if folds else None
     folder = model_dir(cfg, model)
     fold_list = chosen or available_folds(folder, str(cfg.predict.checkpoint))
@@ -213,7 +203,7 @@ def export(
         table.add_column(col, overflow="fold")
     for e in exported:
         table.add_row(str(e.fold), str(e.folder), ", ".join(f.name for f in e.files), f"{e.seconds:.1f}")
-    out.print(table)
+    common.out.print(table)
     if check_cases <= 0:
         logger.info("No parity check (--check-cases 0): `auto` stays at fp32")
         return
@@ -236,16 +226,16 @@ def export(
         table.add_row(r["backend"], r["precision"], f"{r['seconds_per_case']:.2f}", f"{r['speed_vs_nnunet']:.2f}",
                       f"{r['min_dice']:.4f}", f"{r['mean_dice']:.4f}", str(r["max_voxels_differ"]),
                       "yes" if r["passed"] else "[red]no[/]")  # fmt: skip
-    out.print(table)
+    common.out.print(table)
 
 
 @app.command()
 @handle_errors
 def serve(
     args: list[str] = typer.Argument(
-        None, metavar="[OVERRIDES]...", help=overrides_help("serve.max_in_flight=4 predict.tta=false")
+        None, metavar="[OVERRIDES]...", help=common.overrides_help("serve.max_in_flight=4 predict.tta=false")
     ),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds to ensemble, or 'auto' for all trained."),
     host: str = typer.Option(None, "--host", help="Interface (default: serve.host)."),
@@ -262,9 +252,11 @@ def serve(
     # The service never tracks to W&B; nnU-Net's logger imports wandb only to offer it, and importing wandb makes two
     # temporary folders (wandb-media, wandb-artifacts) that a killed container leaves behind. None: ImportError.
     sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
-    _, overrides = split_args(args, max_positional=0)
+    _, overrides = common.split_args(args, max_positional=0)
     choice = [f"{k}={v}" for k, v in model_choice(model, folds).items()]
-    cfg = compose([*with_dataset(overrides, dataset), *choice], **{"serve.host": host, "serve.port": port})
+    cfg = common.compose(
+        [*common.with_dataset(overrides, dataset), *choice], **{"serve.host": host, "serve.port": port}
+    )
     factory = None
     if not cfg.serve.get("model_uri"):  # load here, not in uvicorn's start-up: no model is an error line and exit 1
         segmenter = load_segmenter(cfg, model_dir(cfg, model))

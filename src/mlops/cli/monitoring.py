@@ -7,18 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from mlops.cli.common import (
-    DATASET_HELP,
-    OVERRIDES_HELP,
-    app,
-    compose,
-    err,
-    handle_errors,
-    out,
-    overrides_help,
-    split_args,
-    with_dataset,
-)
+from mlops.cli import common
+from mlops.cli.common import app, handle_errors
 
 
 @app.command()
@@ -28,9 +18,9 @@ def drift(
         None,
         metavar="[SOURCE] [OVERRIDES]...",
         help="Decathlon task or nnU-Net raw dataset folder; "
-        + overrides_help("drift.max_drift_share=0.2 monitor.min_samples=30"),
+        + common.overrides_help("drift.max_drift_share=0.2 monitor.min_samples=30"),
     ),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     current: str = typer.Option(None, "--current", help="test (the task's test images) or requests (served volumes)."),
     fail_on_drift: bool = typer.Option(
         False, "--fail-on-drift", help="Exit 2 if the verdict is drift or a case is outside the reference's range."
@@ -39,9 +29,9 @@ def drift(
     """Drift report: test (or served) cases against the model's reference profile (or the training images)."""
     from mlops.drift import run_drift
 
-    positional, overrides = split_args(args)
-    overrides = with_dataset(overrides, dataset)
-    cfg = compose(overrides, **{"drift.source": positional[0] if positional else None, "drift.current": current})
+    positional, overrides = common.split_args(args)
+    overrides = common.with_dataset(overrides, dataset)
+    cfg = common.compose(overrides, **{"drift.source": positional[0] if positional else None, "drift.current": current})
     summary = run_drift(cfg)
     table = Table(
         title=f"Drift of {summary.model}: {summary.current_rows} current vs {summary.reference_rows} reference cases",
@@ -52,11 +42,11 @@ def drift(
     for c in summary.columns:
         mark = {"drifted": "[bold red]yes[/]", "small shift": "[yellow]small shift[/]"}.get(c.status, "no")
         table.add_row(c.column, c.test, f"{c.p_value:.2g}", f"{c.score:.2g}", c.shift_text, mark)
-    out.print(table)
-    out.print(f"[bold]Verdict: {summary.verdict}[/] ({summary.correction})", highlight=False)
+    common.out.print(table)
+    common.out.print(f"[bold]Verdict: {summary.verdict}[/] ({summary.correction})", highlight=False)
     for line in summary.summary_lines:
-        out.print(f"  - {line}", highlight=False, soft_wrap=True)
-    out.print(
+        common.out.print(f"  - {line}", highlight=False, soft_wrap=True)
+    common.out.print(
         f"Drift share {summary.drift_share:.2f} (limit {summary.max_drift_share:.2f}); report: {summary.html}; "
         f"summary: {summary.summary_file}; Evidently snapshot: {summary.snapshot or 'none'}",
         highlight=False,
@@ -64,10 +54,15 @@ def drift(
     )
     if fail_on_drift and summary.alarm:
         if summary.dataset_drift:
-            err.print(f"[bold red]Drift:[/] {summary.drift_share:.2f} of statistics drifted: {summary.drifted_columns}")
+            common.err.print(
+                f"[bold red]Drift:[/] {summary.drift_share:.2f} of statistics drifted: {summary.drifted_columns}"
+            )
         if summary.out_of_range:
-            err.print(f"[bold red]Out of range:[/] {len(summary.cases_out_of_range)} case(s) outside the reference: "
-                      f"{', '.join(summary.cases_out_of_range[:10])}", highlight=False)  # fmt: skip
+            cases = summary.cases_out_of_range
+            common.err.print(
+                f"[bold red]Out of range:[/] {len(cases)} case(s) outside the reference: {', '.join(cases[:10])}",
+                highlight=False,
+            )
         raise typer.Exit(2)
 
 
@@ -78,7 +73,7 @@ app.add_typer(monitor_app, name="monitor")
 @monitor_app.command("profile")
 @handle_errors
 def monitor_profile(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=OVERRIDES_HELP),
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=common.OVERRIDES_HELP),
     model: Path = typer.Option(None, "--model", "-m", help="nnU-Net model folder (default: from the config)."),
     source: Path = typer.Option(
         None, "--source", help="Training images: Decathlon task or nnU-Net raw dataset (default: the prepared one)."
@@ -88,7 +83,7 @@ def monitor_profile(
     from mlops.models import model_dir
     from mlops.monitoring.profile import profile_model
 
-    _, overrides = split_args(args, max_positional=0)
-    cfg = compose(overrides)
+    _, overrides = common.split_args(args, max_positional=0)
+    cfg = common.compose(overrides)
     path = profile_model(cfg, model_dir(cfg, model), source)
-    out.print(f"Reference profile written to {path}")
+    common.out.print(f"Reference profile written to {path}")

@@ -11,17 +11,8 @@ from omegaconf import DictConfig
 from rich.markup import escape
 from rich.table import Table
 
-from mlops.cli.common import (
-    DATASET_HELP,
-    DEVICE_HELP,
-    app,
-    compose,
-    handle_errors,
-    out,
-    overrides_help,
-    split_args,
-    with_dataset,
-)
+from mlops.cli import common
+from mlops.cli.common import app, handle_errors
 from mlops.errors import ConfigError, MlopsError
 from mlops.nnunet import TrainingInterrupted
 
@@ -30,14 +21,14 @@ from mlops.nnunet import TrainingInterrupted
 @handle_errors
 def train(
     args: list[str] = typer.Argument(
-        None, metavar="[OVERRIDES]...", help=overrides_help("train.epochs=5 wandb.mode=disabled")
+        None, metavar="[OVERRIDES]...", help=common.overrides_help("train.epochs=5 wandb.mode=disabled")
     ),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     fold: str = typer.Option(
         None, "--fold", "-f", help="0-4, all, or a list (0,1,2 / 0-4), trained one after another (default: train.fold)."
     ),
     configuration: str = typer.Option(None, "--configuration", "-c", help="2d, 3d_fullres, ... (train.configuration)."),
-    device: str = typer.Option(None, "--device", "-D", help=DEVICE_HELP + " (default: train.device)."),
+    device: str = typer.Option(None, "--device", "-D", help=common.DEVICE_HELP + " (default: train.device)."),
     gpus: int = typer.Option(None, "--gpus", help="Number of GPUs; >1 runs nnU-Net's DDP training."),
     resume: bool = typer.Option(False, "--continue", help="Resume each fold from its latest nnU-Net checkpoint."),
 ) -> None:
@@ -46,14 +37,14 @@ def train(
     from mlops.train import train as run_train
     from mlops.workspace import parse_folds
 
-    _, overrides = split_args(args, max_positional=0)
-    selected = with_dataset(overrides, dataset)
+    _, overrides = common.split_args(args, max_positional=0)
+    selected = common.with_dataset(overrides, dataset)
     flags = {"train.configuration": configuration, "train.device": device, "train.gpus": gpus}
-    cfg = compose(selected, **flags)
+    cfg = common.compose(selected, **flags)
     folds = parse_folds(fold if fold is not None else str(cfg.train.fold))
     results = []
     for i, f in enumerate(folds):
-        fold_cfg = compose(selected, **flags, **{"train.fold": str(f)})
+        fold_cfg = common.compose(selected, **flags, **{"train.fold": str(f)})
         try:
             result = run_train(fold_cfg, continue_training=resume)
         except TrainingInterrupted as exc:
@@ -71,9 +62,9 @@ def train(
             for name, value in result.validation.mean.items():
                 table.add_row(f"Dice {name}", "n/a" if value is None else f"{value:.4f}")
             table.add_row("report", str(result.report_file))
-        out.print(table)
+        common.out.print(table)
     if len(results) > 1:
-        out.print(f"Trained folds {','.join(str(f) for f in folds)}; `mlops find-best` picks the configuration.")
+        common.out.print(f"Trained folds {','.join(str(f) for f in folds)}; `mlops find-best` picks the configuration.")
 
 
 def resume_command(
@@ -102,40 +93,40 @@ def resume_command(
 @app.command()
 @handle_errors
 def validate(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=overrides_help("train=cpu")),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=common.overrides_help("train=cpu")),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     fold: str = typer.Option(None, "--fold", "-f", help="Trained fold(s): 0-4, all, or a list 0,1 (train.fold)."),
     configuration: str = typer.Option(None, "--configuration", "-c", help="2d, 3d_fullres, ... (train.configuration)."),
     best: bool = typer.Option(False, "--best", help="Validate checkpoint_best.pth instead of checkpoint_final.pth."),
     npz: bool = typer.Option(False, "--npz", help="Keep the softmax .npz (find-best needs them to try ensembles)."),
-    device: str = typer.Option(None, "--device", "-D", help=DEVICE_HELP + " (default: train.device)."),
+    device: str = typer.Option(None, "--device", "-D", help=common.DEVICE_HELP + " (default: train.device)."),
 ) -> None:
     """nnU-Net's validation of trained folds (its `--val`): predict each fold's held-out cases and score them."""
     from mlops.train import validate as run_validate
     from mlops.workspace import parse_folds
 
-    _, overrides = split_args(args, max_positional=0)
-    selected = with_dataset(overrides, dataset)
+    _, overrides = common.split_args(args, max_positional=0)
+    selected = common.with_dataset(overrides, dataset)
     flags = {
         "train.configuration": configuration,
         "train.device": device,
         "train.save_probabilities": True if npz else None,
     }
-    cfg = compose(selected, **flags)
+    cfg = common.compose(selected, **flags)
     for f in parse_folds(fold if fold is not None else str(cfg.train.fold)):
-        report, path = run_validate(compose(selected, **flags, **{"train.fold": str(f)}), best=best)
+        report, path = run_validate(common.compose(selected, **flags, **{"train.fold": str(f)}), best=best)
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         dice = ", ".join(f"{n} {fmt(v)}" for n, v in report.mean.items())
-        out.print(f"Fold {f}: {report.num_cases} validation cases, Dice {dice}; report written to {path}")
+        common.out.print(f"Fold {f}: {report.num_cases} validation cases, Dice {dice}; report written to {path}")
 
 
 @app.command("find-best")
 @handle_errors
 def find_best(
     args: list[str] = typer.Argument(
-        None, metavar="[OVERRIDES]...", help=overrides_help("train.configuration=3d_fullres")
+        None, metavar="[OVERRIDES]...", help=common.overrides_help("train.configuration=3d_fullres")
     ),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     configurations: str = typer.Option(
         None, "--configurations", "-c", help="Comma-separated configurations (default: every trained one)."
     ),
@@ -147,8 +138,8 @@ def find_best(
     from mlops.best import find_best as run_find_best
     from mlops.workspace import parse_folds
 
-    _, overrides = split_args(args, max_positional=0)
-    cfg = compose(with_dataset(overrides, dataset))
+    _, overrides = common.split_args(args, max_positional=0)
+    cfg = common.compose(common.with_dataset(overrides, dataset))
     chosen_folds = None
     if folds is not None:
         chosen_folds = [f for f in parse_folds(folds) if f != "all"]
@@ -161,13 +152,15 @@ def find_best(
     table.add_column("Dice", justify="right")
     for name, value in choice.all_results.items():
         table.add_row(name, f"{value:.4f}")
-    out.print(table)
-    out.print(f"Best: {', '.join(Path(d).name for d in choice.model_dirs)}, folds {choice.folds}")
-    out.print(
+    common.out.print(table)
+    common.out.print(f"Best: {', '.join(Path(d).name for d in choice.model_dirs)}, folds {choice.folds}")
+    common.out.print(
         f"Post-processing: {escape(', '.join(choice.postprocessing_steps)) or 'none'} "
         f"(Dice {choice.dice_before_pp:.4f} -> {choice.dice_after_pp:.4f}); {choice.postprocessing}"
     )
-    out.print(f"Inference instructions: {choice.instructions}; `mlops predict` and `mlops serve` now use this choice")
+    common.out.print(
+        f"Inference instructions: {choice.instructions}; `mlops predict` and `mlops serve` now use this choice"
+    )
 
 
 def _label_names(cfg: Any, pred: Path, ref: Path) -> dict[int, str] | None:
@@ -198,8 +191,10 @@ def _label_names(cfg: Any, pred: Path, ref: Path) -> dict[int, str] | None:
 @app.command()
 @handle_errors
 def evaluate(
-    args: list[str] = typer.Argument(None, metavar="[OVERRIDES]...", help=overrides_help("evaluate.output_dir=out")),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP),
+    args: list[str] = typer.Argument(
+        None, metavar="[OVERRIDES]...", help=common.overrides_help("evaluate.output_dir=out")
+    ),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=common.DATASET_HELP),
     fold: str = typer.Option(None, "--fold", "-f", help="Score this fold's nnU-Net validation (default: train.fold)."),
     pred: Path = typer.Option(None, "--pred", help="Folder of predicted segmentations (with --ref)."),
     ref: Path = typer.Option(None, "--ref", help="Folder of reference labels with the same file names."),
@@ -212,8 +207,8 @@ def evaluate(
     from mlops.train import validation_report
     from mlops.workspace import export_paths, parse_fold, prepared_dataset
 
-    _, overrides = split_args(args, max_positional=0)
-    cfg = compose(with_dataset(overrides, dataset), **{"train.fold": fold})
+    _, overrides = common.split_args(args, max_positional=0)
+    cfg = common.compose(common.with_dataset(overrides, dataset), **{"train.fold": fold})
     if (pred is None) != (ref is None):
         raise ConfigError("--pred and --ref go together")
     export_paths(cfg)
@@ -224,7 +219,7 @@ def evaluate(
         identity, pre_dir = prepared_dataset(cfg)
         report, path = validation_report(cfg, identity, pre_dir, parse_fold(cfg.train.fold))
     if as_json:
-        out.print_json(report.to_json())
+        common.out.print_json(report.to_json())
         return
     table = Table(title=f"Dice ({report.num_cases} cases)", title_justify="left")
     table.add_column("case")
@@ -235,7 +230,7 @@ def evaluate(
     for row in report.per_case:
         table.add_row(row["case"], *(fmt(row["dice"][n]) for n in names))
     table.add_row("[bold]mean[/]", *(f"[bold]{fmt(report.mean[n])}[/]" for n in names), end_section=True)
-    out.print(table)
+    common.out.print(table)
     if report.metrics_mean:
         keys = list(next(iter(report.metrics_mean.values())))
         metrics = Table(title="Mean per label", title_justify="left")
@@ -244,5 +239,5 @@ def evaluate(
             metrics.add_column(k, justify="right")
         for name, values in report.metrics_mean.items():
             metrics.add_row(name, *(fmt(values[k]) for k in keys))
-        out.print(metrics)
-    out.print(f"Foreground mean Dice {fmt(report.foreground_mean)}; report written to {path}")
+        common.out.print(metrics)
+    common.out.print(f"Foreground mean Dice {fmt(report.foreground_mean)}; report written to {path}")
