@@ -43,16 +43,13 @@ from mlops.volumes import (
     InputError,
     ModelGrid,
     is_nifti_name,
+    strip_suffix,
     to_gzip_bytes,
 )
 
 
 def _safe_stem(filename: str | None) -> str:
-    name = Path(filename or "upload").name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = strip_suffix(Path(filename or "upload").name)
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "upload"
 
 

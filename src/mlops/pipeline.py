@@ -113,11 +113,11 @@ def open_case(
 ) -> Case:
     """Check a loaded image (``data``: its channels already stacked) and preprocess it for the network."""
     t0 = time.perf_counter() if started is None else started
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
     if data is None:
         data = check_volume(image, name, segmenter.num_channels, budget)
     elif budget is not None:
-        budget.check(name, data.shape, tuple(float(z) for z in image.header.get_zooms()[:3]), data.itemsize)
-    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+        budget.check(name, data.shape, spacing, data.itemsize)
     if cancel is not None and cancel():
         raise Cancelled(f"{name}: cancelled before segmentation")
     return Case(name, image, data, spacing, segmenter.prepare(data, spacing), t0)

@@ -267,8 +267,9 @@ def outliers(reference: list[dict], current: list[dict], columns: list[str], top
     centres = {}
     for c in columns:
         ref = scaled(_values(reference, c), c)
-        if ref.size and spread(ref) > 0:
-            centres[c] = (float(np.median(ref)), spread(ref))
+        scale = spread(ref) if ref.size else 0.0
+        if scale > 0:
+            centres[c] = (float(np.median(ref)), scale)
     for i, row in enumerate(current):
         best: tuple[float, str, float] | None = None
         for c, (med, scale) in centres.items():
