@@ -51,11 +51,17 @@ demo: install
 # System packages the tests drive: Debian's chromium (browser tests). Installed here when root with apt-get (CI,
 # containers); elsewhere it says what is missing and those tests skip with the reason (under CI=true they fail).
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "Installing Debian's chromium for the browser tests..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium is not installed (apt-get install chromium): browser tests will skip"; fi; }
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	PATH="$$PATH:/usr/sbin" command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	command -v dcmdump >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing Debian's$$missing for the browser and DICOM tests..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "Not installed:$$missing (apt-get install$$missing): their tests will skip"; fi
 
 # The default tier (pytest.ini selects `not slow`): 14:34 on 2 cores, measured with the test models cached.
 test: install system-deps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -125,17 +126,83 @@ def cli() -> CliRunner:
     return CliRunner()
 
 
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium, which `make test` installs (system-deps); a test never installs anything. Missing, its
-    tests skip with the reason, or fail under CI=true, where skipping would hide them."""
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+def system_tool(name: str, package: str, path: str = "") -> str:
+    """A Debian tool `make test` installs (system-deps); a test never installs anything. Missing, its tests skip with
+    the reason, or fail under CI=true, where skipping would hide them."""
+    exe = shutil.which(name, path=f"{os.environ.get('PATH', '')}:{path}" if path else None)
     if exe is None:
-        message = "Debian's chromium is not installed: `make system-deps` (root) or `apt-get install chromium`"
+        message = f"Debian's {package} is not installed: `make system-deps` (root) or `apt-get install {package}`"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
     return exe
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium (headless, for the page tests)."""
+    return shutil.which("chromium-browser") or system_tool("chromium", "chromium")
+
+
+@dataclass
+class Orthanc:
+    """A real Orthanc PACS with its DICOMweb plugin, on 127.0.0.1, for this session."""
+
+    port: int
+    user: str
+    password: str
+    folder: Path
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    def env(self) -> dict[str, str]:
+        return {"MLOPS_DICOMWEB_USER": self.user, "MLOPS_DICOMWEB_PASSWORD": self.password}
+
+
+ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Debian's Orthanc started with a private database, HTTP on a free port answering only local clients (Orthanc
+    cannot bind one interface: RemoteAccessAllowed=false refuses every other), the DICOM port off, basic auth on."""
+    exe = system_tool("Orthanc", "orthanc", "/usr/sbin")
+    if not ORTHANC_PLUGIN.is_file():
+        system_tool("no-such-orthanc-dicomweb", "orthanc-dicomweb")
+    folder = tmp_path_factory.mktemp("orthanc")
+    server = Orthanc(free_port(), "mlops", "test-" + os.urandom(6).hex(), folder)
+    config = {
+        "Name": "mlops-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "HttpPort": server.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True, "RegisteredUsers": {server.user: server.password},
+        "Plugins": [str(ORTHANC_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "HttpThreadsCount": 4, "StableAge": 2, "ConcurrentJobs": 1,
+    }  # fmt: skip
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = folder / "orthanc.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"Orthanc exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"Orthanc did not answer in 60 s:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{server.dicomweb}/studies", auth=(server.user, server.password), timeout=2).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ service answers 503 with ``Retry-After`` rather than queueing without limit. Eve
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import threading
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +26,28 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from loguru import logger
 from omegaconf import DictConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from mlops import __version__
+from mlops.dicom import web
+from mlops.dicom.series import assemble, dataset_instances, is_zip_name, part10, read_zip
 from mlops.errors import Cancelled, MlopsError
-from mlops.logs import client_text
 from mlops.models import model_dir
 from mlops.monitoring.live import LiveMonitor
 from mlops.monitoring.report import render as render_report
 from mlops.monitoring.signals import SIGNAL_COLUMNS
-from mlops.pipeline import case_statistics, decode_case, load_segmenter, segment_case
+from mlops.pipeline import case_statistics, decode_case, load_segmenter, open_case, seg_for, segment_case
 from mlops.service import install as install_service
 from mlops.service.limits import Drain, Guard, Slots
 from mlops.service.metrics import Metrics
 from mlops.service.results import json_result, wants_json
-from mlops.volumes import (
-    Budget,
-    InputError,
-    ModelGrid,
-    is_nifti_name,
-    strip_suffix,
-    to_gzip_bytes,
-)
+from mlops.volumes import Budget, InputError, ModelGrid, is_nifti_name, label_names, strip_suffix, to_gzip_bytes
 
 
 def _safe_stem(filename: str | None) -> str:
     name = strip_suffix(Path(filename or "upload").name)
+    name = name[:-4] if name.lower().endswith(".zip") else name
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "upload"
 
 
@@ -129,105 +127,147 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(
-        "/predict",
-        summary="Segment a NIfTI volume",
-        response_class=Response,
-        responses={
-            200: {
-                "content": {"application/gzip": {}, "application/json": {}},
-                "description": "The segmentation as .nii.gz; with `Accept: application/json` or `format=json`, "
-                "a JSON body of label volumes, timing and model instead",
-            },
-            401: {"description": "serve.api_token is set and the bearer token is missing or wrong"},
-            400: {"description": "Not a readable NIfTI (empty, truncated, corrupt, malformed header)"},
-            408: {"description": "The upload did not arrive within serve.upload_timeout_s"},
-            413: {"description": "Upload, volume or estimated working memory above the configured limits"},
-            422: {"description": "A NIfTI the model cannot segment (dimensionality, voxel type, spacing, NaN/Inf)"},
-            503: {"description": "Busy, shutting down, or over the time limit; retry after the given seconds"},
-        },
-    )
-    async def predict(
-        request: Request,
-        file: UploadFile | None = File(None, description="A .nii or .nii.gz volume"),
-        image: UploadFile | None = File(None, description="The same as `file`, for clients that name it `image`"),
-        tta: bool | None = Query(None, description="Mirroring test-time augmentation (default: predict.tta)"),
-        format: str | None = Query(None, pattern="^(json|nifti)$", description="json: volumes as JSON, no image"),
-    ) -> Response:
-        upload = file or image
-        if upload is None:
-            raise HTTPException(422, "no upload: send the volume as multipart form field 'file' (or 'image')")
-        file = upload
-        as_json = wants_json(format, request.headers.get("accept", ""))
+    async def guarded(request: Request, label: str, work: Callable[[Callable[[], bool]], Any]) -> tuple[Any, float]:
+        """Run ``work(cancel)`` in a worker thread within a slot, the time limit and the client's patience; library
+        errors become 4xx/5xx. Returns its result and the seconds it took."""
         if drain.expired or not slots.try_acquire():
             raise HTTPException(503, "busy: too many predictions in flight; retry shortly", {"Retry-After": "1"})
         metrics.in_flight.inc()
         gone = threading.Event()
         deadline = time.monotonic() + timeout_s
-        name = file.filename or "upload"
         rid = uuid.uuid4().hex[:8]  # names the request in logs: an upload's file name can identify a patient
+
+        def cancel() -> bool:  # polled by the engine between tiles, from its worker thread
+            return gone.is_set() or time.monotonic() > deadline or drain.expired
+
         try:
-            if not is_nifti_name(name):
-                raise InputError(f"{name}: expected a .nii or .nii.gz file", 400)
-            raw = await file.read(max_bytes + 1)
-            if len(raw) > max_bytes:
-                raise InputError(f"{name}: upload above the limit of {max_bytes:,} bytes", 413)
-            state = request.app.state
-
-            def cancel() -> bool:  # polled by the engine between tiles, from its worker thread
-                return gone.is_set() or time.monotonic() > deadline or drain.expired
-
             t0 = time.perf_counter()
-            work = asyncio.ensure_future(
-                run_in_threadpool(
-                    _segment, state.segmenter, state.budget, raw, name, max_voxels, tta, state.monitor, cancel
-                )
-            )
-            del raw
-            while not work.done():  # watch the client while the worker runs; the slot is held until it stops
-                await asyncio.wait({work}, timeout=0.5)
-                if not gone.is_set() and not work.done() and await request.is_disconnected():
+            task = asyncio.ensure_future(run_in_threadpool(work, cancel))
+            while not task.done():  # watch the client while the worker runs; the slot is held until it stops
+                await asyncio.wait({task}, timeout=0.5)
+                if not gone.is_set() and not task.done() and await request.is_disconnected():
                     gone.set()
                     logger.info(f"request {rid}: client disconnected; cancelling its prediction")
-            body, volumes, signals = work.result()
+            result = task.result()
             metrics.inference.observe(time.perf_counter() - t0)
-            metrics.observe_signals(signals)
+            return result, t0
         except InputError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         except Cancelled:
             if gone.is_set():
-                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+                raise HTTPException(499, "client closed request") from None  # nginx's code: nobody reads it
             if drain.expired:
                 raise HTTPException(503, "the service is shutting down; retry", {"Retry-After": "1"}) from None
             logger.warning(f"request {rid}: cancelled at the time limit of {timeout_s:g} s")
             raise HTTPException(
                 503, f"prediction exceeded the time limit of {timeout_s:g} s (serve.timeout_s)"
             ) from None
-        except MlopsError as exc:
-            logger.error(f"request {rid}: prediction failed: {client_text(str(exc).replace(name, '<upload>'), 500)}")
-            raise HTTPException(500, f"prediction failed: {exc}") from None
+        except MlopsError as exc:  # the message may carry client text (an upload's name): only its type is logged
+            logger.error(f"request {rid}: {label} failed ({type(exc).__name__})")
+            raise HTTPException(500, f"{label} failed: {exc}") from None
         finally:
-            await file.close()
             metrics.in_flight.dec()
             slots.release()
-        shown = public_signals(signals)
+
+    @app.post(
+        "/predict",
+        summary="Segment a NIfTI volume or a DICOM series (.zip)",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"application/gzip": {}, "application/json": {}, "application/dicom": {}},
+                "description": "The segmentation as .nii.gz; with `Accept: application/json` or `format=json`, "
+                "a JSON body of label volumes, timing and model instead; for a DICOM series (a .zip upload) with "
+                "`Accept: application/dicom` or `format=dicom-seg`, a DICOM Segmentation (SEG) of it",
+            },
+            401: {"description": "serve.api_token is set and the bearer token is missing or wrong"},
+            400: {"description": "Not a readable NIfTI or DICOM zip (empty, truncated, corrupt, malformed header)"},
+            406: {"description": "A DICOM SEG asked for a NIfTI upload: a SEG references the DICOM images it segments"},
+            408: {"description": "The upload did not arrive within serve.upload_timeout_s"},
+            413: {"description": "Upload, volume, series or estimated working memory above the configured limits"},
+            422: {"description": "A volume the model cannot segment (dimensionality, voxel type, spacing, NaN/Inf; "
+                  "a series with several orientations, missing slices, uneven spacing, gantry tilt)"},
+            503: {"description": "Busy, shutting down, or over the time limit; retry after the given seconds"},
+        },
+    )  # fmt: skip
+    async def predict(
+        request: Request,
+        file: UploadFile | None = File(None, description="A .nii or .nii.gz volume, or a .zip of one DICOM series"),
+        image: UploadFile | None = File(None, description="The same as `file`, for clients that name it `image`"),
+        tta: bool | None = Query(None, description="Mirroring test-time augmentation (default: predict.tta)"),
+        format: str | None = Query(
+            None, pattern="^(json|nifti|dicom-seg)$", description="json: volumes as JSON, no image; dicom-seg: a SEG"
+        ),
+        series: str | None = Query(None, description="SeriesInstanceUID, when the .zip holds several series"),
+    ) -> Response:
+        upload = file or image
+        if upload is None:
+            raise HTTPException(422, "no upload: send the volume as multipart form field 'file' (or 'image')")
+        accept = request.headers.get("accept", "")
+        as_json = wants_json(format, accept)
+        as_seg = format == "dicom-seg" or (format is None and "application/dicom" in accept.lower())
+        name = upload.filename or "upload"
+        try:
+            dicom = is_zip_name(name)
+            if not dicom and not is_nifti_name(name):
+                raise HTTPException(400, f"{name}: expected a .nii or .nii.gz file, or a .zip of a DICOM series")
+            if as_seg and not dicom:
+                raise HTTPException(406, f"{name}: a DICOM SEG references the DICOM images it segments; upload the "
+                                         "series as a .zip (or ask for NIfTI)")  # fmt: skip
+            raw = await upload.read(max_bytes + 1)
+            if len(raw) > max_bytes:
+                raise HTTPException(413, f"{name}: upload above the limit of {max_bytes:,} bytes")
+            state = request.app.state
+
+            work = functools.partial(_segment, state, cfg, raw, name, max_voxels, tta, as_seg=as_seg, series_uid=series)
+            del raw  # the worker holds the only reference: freed with it
+            answer, t0 = await guarded(request, "prediction", work)
+        finally:
+            await upload.close()
+        metrics.observe_signals(answer.signals)
+        shown = public_signals(answer.signals)
         signals_header = json.dumps(shown, separators=(",", ":"))
         if as_json:
             seconds = time.perf_counter() - t0  # one reading for the body and the header
             return JSONResponse(
-                {**json_result(volumes, seconds, state.segmenter), "signals": shown},
+                {**json_result(answer.volumes, seconds, state.segmenter), "signals": shown},
                 headers={"X-Inference-Seconds": f"{seconds:.3f}", "X-Output-Signals": signals_header},
             )
+        suffix = ".dcm" if as_seg else ".nii.gz"
         return Response(
-            body,
-            media_type="application/gzip",
+            answer.body,
+            media_type="application/dicom" if as_seg else "application/gzip",
             headers={
-                "Content-Disposition": f'attachment; filename="{_safe_stem(file.filename)}_seg.nii.gz"',
-                "X-Label-Volumes-mm3": json.dumps(volumes),
+                "Content-Disposition": f'attachment; filename="{_safe_stem(upload.filename)}_seg{suffix}"',
+                "X-Label-Volumes-mm3": json.dumps(answer.volumes),
                 "X-Inference-Seconds": f"{time.perf_counter() - t0:.3f}",
                 "X-Output-Signals": signals_header,
             },
         )
+
+    @app.post(
+        "/dicomweb/segment",
+        summary="Segment a series in the configured PACS and store its SEG there (DICOMweb)",
+        responses={
+            200: {"description": "The SEG's identity, where it was stored, label volumes and timing"},
+            404: {"description": "The PACS has no such series"},
+            422: {"description": "A series the model cannot segment (see POST /predict)"},
+            501: {"description": "No PACS configured (dicom.url / MLOPS_DICOMWEB_URL)"},
+            502: {"description": "The PACS could not be reached or refused the request"},
+        },
+    )
+    async def dicomweb_segment(request: Request, body: SeriesRequest) -> JSONResponse:
+        root = cfg.dicom.get("url")
+        if not root:
+            raise HTTPException(501, "no PACS configured: set dicom.url (MLOPS_DICOMWEB_URL) to its DICOMweb root")
+        ref = web.SeriesRef(str(root).rstrip("/"), body.study, body.series)
+        state = request.app.state
+
+        def work(cancel: Callable[[], bool]) -> dict[str, Any]:
+            return _segment_from_pacs(state, cfg, ref, max_voxels, body.tta, cancel, body.store)
+
+        result, _ = await guarded(request, "DICOMweb segmentation", work)
+        return JSONResponse(result)
 
     @app.get(
         "/monitoring/drift",
@@ -277,25 +317,104 @@ def public_signals(signals: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if signals.get(k) is None else round(float(signals[k]), 5)) for k in keys}
 
 
+@dataclass
+class Answer:
+    """One segmented upload: the body to send, its label volumes and output signals."""
+
+    body: bytes
+    volumes: dict[str, float]
+    signals: dict[str, Any]
+
+
+class SeriesRequest(BaseModel):
+    """A series in the configured PACS, by its study and series UIDs."""
+
+    study: str = Field(pattern=r"^[0-9][0-9.]{0,63}$", description="StudyInstanceUID")
+    series: str = Field(pattern=r"^[0-9][0-9.]{0,63}$", description="SeriesInstanceUID")
+    store: bool = Field(True, description="Store the SEG back to the PACS (STOW-RS)")
+    tta: bool | None = Field(None, description="Mirroring test-time augmentation (default: predict.tta)")
+
+
+def _record(state: Any, case: Any, signals: dict[str, Any]) -> None:
+    monitor: LiveMonitor = state.monitor
+    if monitor.store is not None:
+        try:  # monitoring must never fail a prediction
+            monitor.record({**case_statistics(case), **signals})
+        except Exception as exc:
+            logger.warning(f"could not compute request statistics: {type(exc).__name__}")
+
+
 def _segment(
-    segmenter: Any,
-    limits: Budget,
+    state: Any,
+    cfg: DictConfig,
     raw: bytes,
     name: str,
     max_voxels: int,
     tta: bool | None,
-    monitor: LiveMonitor,
     cancel: Callable[[], bool],
-) -> tuple[bytes, dict, dict]:
-    case = decode_case(segmenter, raw, name, max_voxels, limits, cancel)
-    del raw
-    result = segment_case(segmenter, case, tta, cancel, monitor.max_member_mib)
-    if monitor.store is not None:
-        try:  # monitoring must never fail a prediction
-            monitor.record({**case_statistics(case), **result.signals})
-        except Exception as exc:
-            logger.warning(f"could not compute request statistics: {type(exc).__name__}")
-    return to_gzip_bytes(result.image, level=1), result.volumes, result.signals
+    as_seg: bool = False,
+    series_uid: str | None = None,
+) -> Answer:
+    """An upload segmented: a NIfTI (decoded in memory) or a zipped DICOM series; the answer as NIfTI or SEG."""
+    segmenter, limits = state.segmenter, state.budget
+    if is_zip_name(name):
+        max_unzipped = int(float(cfg.dicom.max_unzipped_mib) * 2**20)
+        series = read_zip(raw, name, series_uid, max_voxels, limits, int(cfg.dicom.max_files), max_unzipped)
+        del raw
+        case = open_case(segmenter, series.image, name, limits, cancel=cancel)
+    else:
+        series, case = None, decode_case(segmenter, raw, name, max_voxels, limits, cancel)
+        del raw
+    result = segment_case(segmenter, case, tta, cancel, state.monitor.max_member_mib)
+    _record(state, case, result.signals)
+    if as_seg and series is not None:
+        body = part10(seg_for(segmenter, series, result.labels, cfg))
+    else:
+        body = to_gzip_bytes(result.image, level=1)
+    return Answer(body, result.volumes, result.signals)
+
+
+def _segment_from_pacs(
+    state: Any,
+    cfg: DictConfig,
+    ref: web.SeriesRef,
+    max_voxels: int,
+    tta: bool | None,
+    cancel: Callable[[], bool],
+    store: bool,
+) -> dict[str, Any]:
+    """Retrieve a series (WADO-RS), segment it, store its SEG (STOW-RS); what a client needs to find it again."""
+    segmenter, timeout = state.segmenter, float(cfg.dicom.timeout_s)
+    seconds = {}
+    t0 = time.perf_counter()
+    datasets = web.retrieve_series(ref, int(cfg.dicom.max_files), timeout)
+    series = assemble(dataset_instances(datasets, f"series {ref.series}"), f"series {ref.series}", ref.series,
+                      max_voxels, state.budget)  # fmt: skip
+    del datasets
+    seconds["retrieve"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    case = open_case(segmenter, series.image, series.name, state.budget, cancel=cancel)
+    result = segment_case(segmenter, case, tta, cancel, state.monitor.max_member_mib)
+    _record(state, case, result.signals)
+    seg = seg_for(segmenter, series, result.labels, cfg)
+    seconds["segment"] = time.perf_counter() - t0
+    stored = None
+    if store:
+        t0 = time.perf_counter()
+        web.store(ref.root, [seg], timeout)
+        seconds["store"] = time.perf_counter() - t0
+        stored = web.SeriesRef(ref.root, ref.study, str(seg.SeriesInstanceUID)).url
+    return {
+        "study": ref.study,
+        "series": ref.series,
+        "seg_series": str(seg.SeriesInstanceUID),
+        "seg_sop_instance": str(seg.SOPInstanceUID),
+        "stored": stored,
+        "volumes_mm3": result.volumes,
+        "labels": label_names(segmenter.labels),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "model": segmenter.model_dir.name,
+    }
 
 
 def fetch_model(cfg: DictConfig) -> Path:

@@ -51,6 +51,20 @@ def check_output_file(dst: Path, inputs: Iterable[Path]) -> None:
     _check_writable_parent(dst)
 
 
+def check_dicom_outputs(outputs: Iterable[Path], source: Path | None) -> None:
+    """The files of a DICOM series' segmentation (``.dcm`` SEG, ``.nii.gz``): not the input, not inside an input
+    folder (the SEG would join the series it segments), not a folder, writable."""
+    for dst in outputs:
+        if source is not None and is_within(dst, source):
+            raise OutputError(
+                f"{dst}: inside the input {source}; write the segmentation outside it (the default is a sibling "
+                f"{source.name.removesuffix('.zip')}_seg.dcm)"
+            )
+        if dst.is_dir():
+            raise OutputError(f"{dst}: is a folder; give a file name such as {dst / 'series_seg.dcm'}")
+        _check_writable_parent(dst)
+
+
 def check_output_folder(out_dir: Path, source: Path) -> None:
     """The output folder of a folder of inputs is neither that folder nor inside it, nor an existing file."""
     if is_within(out_dir, source):

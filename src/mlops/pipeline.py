@@ -17,10 +17,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from loguru import logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from pydicom.dataset import Dataset
 
 from mlops import nnunet
 from mlops.datasets import inventory
+from mlops.dicom.seg import segmentation
+from mlops.dicom.series import Series
 from mlops.errors import Cancelled, PipelineError
 from mlops.evaluate import model_validation_warnings
 from mlops.inference import Segmenter
@@ -218,6 +221,13 @@ def segment_case(
     """Network and finish in one go (the service and batch; `mlops predict` overlaps them across cases)."""
     logits, signals = run_network(segmenter, case, tta, cancel, max_member_mib)
     return finish_case(segmenter, case, logits, signals)
+
+
+def seg_for(segmenter: Segmenter, series: Series, labels: np.ndarray, cfg: DictConfig) -> Dataset:
+    """A DICOM SEG of a series' labels, with the model's label names and the dataset config's coded concepts."""
+    concepts = OmegaConf.to_container(cfg.dataset.get("segments") or {}, resolve=True)
+    return segmentation(labels, series, segmenter.labels, segmenter.model_dir.name, concepts,  # type: ignore[arg-type]
+                        int(cfg.dicom.series_number))  # fmt: skip
 
 
 def case_statistics(case: Case) -> dict:

@@ -23,12 +23,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class SegmentConcept(_Section):
+    """A label's coded concepts in a DICOM SEG: [code, scheme designator, meaning] each."""
+
+    category: tuple[str, str, str]
+    type: tuple[str, str, str]
+
+
+class Dicom(_Section):
+    max_files: int = PositiveInt
+    max_unzipped_mib: float = Field(gt=0)
+    timeout_s: float = Field(gt=0)
+    series_number: int = Field(ge=1, le=99999)
+    url: str | None = None
+
+
 class Dataset(_Section):
     source: str | None = None
     id: int | None = None
     name: str | None = None
     url: str | None = None
     sha256: str | None = None
+    segments: dict[str, SegmentConcept] = {}
 
 
 class Prepare(_Section):
@@ -173,6 +189,7 @@ class Config(_Section):
     wandb: Wandb
     predict: Predict
     serve: Serve
+    dicom: Dicom
     drift: Drift
     batch: Batch
     monitor: Monitor

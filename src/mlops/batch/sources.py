@@ -8,15 +8,15 @@ must be unique in a run; a manifest may give them in its case column when file n
 from __future__ import annotations
 
 import posixpath
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from mlops.deadline import call_within
 from mlops.errors import DatasetError
 from mlops.outputs import is_within, real, safe_case_id, same_or_inside
 from mlops.volumes import is_nifti_name, output_name
@@ -105,26 +105,11 @@ def list_cases(
 
 
 def _bounded(work: Callable[[], T], source: str, timeout_s: float) -> T:
-    """``work()`` in a daemon thread; DatasetError if it has not answered within ``timeout_s``."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = work()
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="mlops-list", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise DatasetError(
-            f"{source}: no answer within {timeout_s:g} s while listing it (no network, a missing bucket, or no "
-            "credentials?); batch.list_timeout_s sets the limit"
-        )
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    """``work()`` within ``timeout_s``, else a DatasetError that says what to check."""
+    return call_within(work, timeout_s, lambda: DatasetError(
+        f"{source}: no answer within {timeout_s:g} s while listing it (no network, a missing bucket, or no "
+        "credentials?); batch.list_timeout_s sets the limit"
+    ))  # fmt: skip
 
 
 def _identity(url: str) -> str:

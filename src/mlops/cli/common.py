@@ -71,6 +71,11 @@ def handle_errors(fn: F) -> F:
         except MlopsError as exc:
             err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except OSError as exc:  # the disk is full, a folder went read-only, a mount vanished: say which file
+            where = f"{exc.filename}: " if exc.filename else ""
+            err.print(f"[bold red]Error:[/] {escape(where + (exc.strerror or str(exc)))}", highlight=False,
+                      soft_wrap=True)  # fmt: skip
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]Interrupted.[/]")
             raise typer.Exit(130) from None
@@ -80,12 +85,18 @@ def handle_errors(fn: F) -> F:
 
 def split_args(args: list[str] | None, max_positional: int = 1) -> tuple[list[str], list[str]]:
     """Separate positional arguments from trailing ``key=value`` overrides. A path that exists is a path, even with
-    an ``=`` in its name (``run=1/a=b.nii.gz``); anything else with an ``=`` is an override."""
-    positional = [a for a in args or [] if "=" not in a or Path(a).exists()]
-    overrides = [a for a in args or [] if "=" in a and not Path(a).exists()]
+    an ``=`` in its name (``run=1/a=b.nii.gz``), and so is a URL or a path whose part before the ``=`` holds a ``/``
+    (``gs://bucket/run=1/``: a config key never does); anything else with an ``=`` is an override."""
+    positional = [a for a in args or [] if not _is_override(a)]
+    overrides = [a for a in args or [] if _is_override(a)]
     if len(positional) > max_positional:
         raise ConfigError(f"unexpected argument(s) {positional[max_positional:]}; overrides look like key=value")
     return positional, overrides
+
+
+def _is_override(arg: str) -> bool:
+    key = arg.split("=", 1)[0]
+    return "=" in arg and "/" not in key and "\\" not in key and not Path(arg).exists()
 
 
 def compose(overrides: list[str], **extra: Any) -> DictConfig:

@@ -124,3 +124,33 @@ def prepare(
     if not result.converted and not result.preprocessed:
         common.out.print(f"{result.dataset} is up to date; use --force to redo it.")
     logger.debug(f"prepare finished: {result}")
+
+
+@app.command("to-dicom")
+@handle_errors
+def to_dicom(
+    source: Path = typer.Argument(..., help="A 3D .nii/.nii.gz scan."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the series (IM_00001.dcm, ...); new or empty."),
+    modality: str = typer.Option("MR", "--modality", help="MR or CT."),
+    patient_id: str = typer.Option("MLOPS-TEST", "--patient-id", help="PatientID written (a placeholder)."),
+    store: str = typer.Option(
+        None,
+        "--store",
+        help="Also store the series (STOW-RS) in this DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web.",
+    ),
+) -> None:
+    """Write a NIfTI scan as a DICOM series (to try the PACS workflow); prints its dicomweb:// URL when stored."""
+    from mlops.dicom import web
+    from mlops.dicom.convert import series_from_nifti, write_series
+    from mlops.volumes import InputError, load_nifti
+
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise InputError(f"{output}: exists and is not an empty folder; give a new folder for the series", 400)
+    datasets = series_from_nifti(load_nifti(source), patient_id, modality, f"{source.name} (mlops to-dicom)")
+    write_series(datasets, output)
+    common.out.print(f"Wrote {len(datasets)} images of series {datasets[0].SeriesInstanceUID} to {output}")
+    if store:
+        root = store.rstrip("/")
+        web.store(root, datasets)
+        ref = web.SeriesRef(root, str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID))
+        common.out.print(f"Stored in {root}:\n{ref.url}", highlight=False, soft_wrap=True)

@@ -50,19 +50,37 @@ def predict(
     save_probabilities: bool = typer.Option(
         False, "--save-probabilities", help="Also write <case>.npz (softmax) + .pkl, nnU-Net's layout."
     ),
+    output_type: str = typer.Option(
+        "auto",
+        "--output-type",
+        "-t",
+        help="nifti, dicom-seg or both (DICOM input); auto: dicom-seg for a DICOM series, nifti for NIfTI.",
+    ),
+    series: str = typer.Option(None, "--series", help="SeriesInstanceUID to segment when the input holds several."),
+    store: bool = typer.Option(False, "--store", help="dicomweb:// input: store the SEG back to that PACS (STOW-RS)."),
 ) -> None:
-    """Segment NIfTI volumes with the trained model; prints each label's volume in mm³."""
+    """Segment NIfTI volumes or a DICOM series (folder, .zip, dicomweb:// URL); prints each label's volume in mm³."""
     import json
 
     from mlops.predict import predict as run_predict
 
     positional, overrides = common.split_args(args)
     if not positional:
-        raise ConfigError("missing INPUT: a .nii/.nii.gz file or a folder of them")
+        raise ConfigError("missing INPUT: a .nii/.nii.gz file or a folder of them, or a DICOM series")
     extra: dict[str, Any] = {"predict.device": device, "predict.tta": False if no_tta else None}
     extra.update(model_choice(model, folds))
     overrides = common.with_dataset(overrides, dataset)
     cfg = load_config([*overrides, *(f"{k}={v}" for k, v in extra.items() if v is not None)])
+    from mlops.predict_dicom import is_dicom_source
+
+    if is_dicom_source(positional[0], int(cfg.dicom.max_files)):
+        predict_dicom(cfg, positional[0], output, model, output_type, series, store, as_json)
+        return
+    if output_type not in ("auto", "nifti") or series is not None or store:
+        raise ConfigError(
+            f"{positional[0]}: --output-type {output_type}, --series and --store need a DICOM series as INPUT (a "
+            "folder of DICOM files, a .zip of them, or a dicomweb:// URL): a SEG references the images it segments"
+        )
     results = run_predict(cfg, Path(positional[0]), output, model, save_probabilities=save_probabilities)
     previews = {}
     if preview:
@@ -96,6 +114,42 @@ def predict(
     common.out.print(table)
     for png in previews.values():
         common.out.print(f"Preview written to {png}")
+
+
+def predict_dicom(
+    cfg: Any,
+    source: str,
+    output: Path | None,
+    model: Path | None,
+    output_type: str,
+    series: str | None,
+    store: bool,
+    as_json: bool,
+) -> None:
+    """`mlops predict` on a DICOM series: the SEG and/or NIfTI written (and stored), then the volumes."""
+    from mlops.predict_dicom import predict_series
+
+    r = predict_series(cfg, source, output, model, output_type, series, store)
+    if as_json:
+        payload = {
+            "input": r.input, "series_uid": r.series_uid, "outputs": [str(p) for p in r.outputs],
+            "seg_series_uid": r.seg_series_uid, "seg_sop_instance_uid": r.seg_sop_uid, "stored": r.stored,
+            "shape": r.shape, "volumes_mm3": r.volumes_mm3, "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
+            "model": r.model, "folds": r.folds,
+        }  # fmt: skip
+        common.out.print_json(json.dumps(payload))
+        return
+    common.out.print(f"Series {r.series_uid} ({'x'.join(str(n) for n in r.shape)} voxels)", highlight=False)
+    table = Table(title="Label volumes (mm³)", title_justify="left")
+    for n in r.volumes_mm3:
+        table.add_column(n, justify="right")
+    table.add_column("s", justify="right")
+    table.add_row(*(f"{v:.1f}" for v in r.volumes_mm3.values()), f"{sum(r.seconds.values()):.2f}")
+    common.out.print(table)
+    for path in r.outputs:
+        common.out.print(f"Written: {path}")
+    if r.stored:
+        common.out.print(f"Stored: {r.stored}")
 
 
 @app.command()
@@ -244,7 +298,7 @@ def serve(
     """Run the segmentation API (FastAPI + uvicorn): POST /predict, /health, /ready, /metrics, /docs."""
     import sys
 
-    from mlops.api import create_app
+    from mlops.api import create_app, fetch_model
     from mlops.models import model_dir
     from mlops.pipeline import load_segmenter
     from mlops.service.server import run_server
@@ -257,10 +311,9 @@ def serve(
     cfg = common.compose(
         [*common.with_dataset(overrides, dataset), *choice], **{"serve.host": host, "serve.port": port}
     )
-    factory = None
-    if not cfg.serve.get("model_uri"):  # load here, not in uvicorn's start-up: no model is an error line and exit 1
-        segmenter = load_segmenter(cfg, model_dir(cfg, model))
-        factory = lambda: segmenter  # noqa: E731
-    app_ = create_app(cfg, segmenter_factory=factory)
+    # Fetch and load here, not in uvicorn's start-up: a missing or unreachable model is one line and exit 1.
+    folder = fetch_model(cfg) if cfg.serve.get("model_uri") else model_dir(cfg, model)
+    segmenter = load_segmenter(cfg, folder)
+    app_ = create_app(cfg, segmenter_factory=lambda: segmenter)
     intercept_stdlib_logging()
     run_server(app_, cfg)
