@@ -339,3 +339,36 @@ def test_pacs_round_trip(
     monkeypatch.setenv("MLOPS_DICOMWEB_PASSWORD", "wrong")
     result = cli.invoke(app, ["predict", url, "--model", str(trained_synth.model_dir)])
     assert result.exit_code == 1 and "authentication failed" in result.output
+
+
+def test_batch_segments_zipped_series_with_their_seg(
+    trained_synth: TrainedModel, synth_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlops batch` lists a zipped DICOM series as a case (named by its archive) and its segmenting actor writes the
+    NIfTI and the SEG of it, equal to each other. The actor runs in this process here: Ray only carries the rows
+    (the batch tests run the same actor under Ray for NIfTI)."""
+    from mlops.batch.sources import list_cases
+    from mlops.batch.worker import SegmentActor, read_input
+    from mlops.config import load_config
+
+    monkeypatch.setenv("MLOPS_DATA_DIR", str(trained_synth.workspace.root))
+    cohort = tmp_path / "cohort"
+    series_dir = tmp_path / "series"
+    make_series(synth_task / "imagesTs" / CASE, series_dir)
+    cohort.mkdir()
+    (cohort / "study7.zip").write_bytes(zipped(series_dir))
+    (cohort / "broken.zip").write_bytes(b"PK\x03\x04 no archive")
+    (cohort / CASE).write_bytes((synth_task / "imagesTs" / CASE).read_bytes())
+    cases = list_cases(str(cohort), str(tmp_path / "out"))
+    assert [c.case for c in cases] == ["broken", "study7", "synth_008"]
+    cfg = load_config([f"predict.model_dir={trained_synth.model_dir}", "predict.tta=false"])
+    actor = SegmentActor(cfg, str(trained_synth.model_dir), None, "sha", "run")
+    rows = [read_input(c.to_row(), model_sha256="sha", tta=False, force=False, run_id="run") for c in cases]
+    out = actor({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]})
+    status = dict(zip(out["case"], out["status"], strict=True))
+    assert status == {"broken": "failed", "study7": "ok", "synth_008": "ok"}, out["error"]
+    assert "not a readable zip" in out["error"][0]
+    seg_file = tmp_path / "out" / "study7.dcm"
+    assert out["seg"] == [None, str(seg_file), None]
+    img = nib.load(tmp_path / "out" / "study7.nii.gz")
+    assert_seg_matches(seg_file, series_dir, np.asanyarray(img.dataobj), img.affine)

@@ -23,7 +23,7 @@ from mlops.batch.sources import list_cases
 from mlops.cli import app
 from mlops.errors import DatasetError
 
-from .conftest import TrainedModel, run_mlops
+from .conftest import TrainedModel, Workspace, run_mlops
 
 
 @pytest.fixture
@@ -167,6 +167,52 @@ def test_unreachable_source_and_missing_files_fail_in_seconds(tmp_path: Path) ->
     with pytest.raises(DatasetError, match=r"none of its 2000 row\(s\) names a readable file"):
         list_cases(str(manifest), str(tmp_path / "out"))
     assert time.monotonic() - t0 < 5
+
+
+def test_serve_fetches_its_model_before_starting_and_fails_in_seconds(cli: CliRunner, workspace: Workspace) -> None:
+    """Was: `serve.model_uri` on a store that cannot be reached: an aiohttp traceback from uvicorn's start-up, exit 3.
+    Now the model is fetched before the server starts, bounded by serve.model_fetch_timeout_s: one line, exit 1."""
+    fsspec.register_implementation("hang", _Hanging, clobber=True)
+    t0 = time.monotonic()
+    result = cli.invoke(app, ["serve", "serve.model_uri=hang://missing-bucket/model", "serve.model_fetch_timeout_s=1"])
+    assert result.exit_code == 1 and "no answer within 1 s" in result.output, result.output
+    assert "Traceback" not in result.output and time.monotonic() - t0 < 10
+    result = cli.invoke(app, ["serve", "serve.model_uri=memory://empty/model"])
+    assert result.exit_code == 1 and "no nnU-Net model folder there" in result.output, result.output
+
+
+def test_unwritable_or_failing_outputs_are_one_line(
+    cli: CliRunner, trained_synth: TrainedModel, scan: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: an unwritable -o, or a disk that fills up while writing, ended in a traceback. Tests run as root here,
+    where every folder is writable: the permission check and the failing write are simulated."""
+    import mlops.outputs
+    import mlops.predict
+
+    out = scan.parent / "locked" / "seg.nii.gz"
+    monkeypatch.setattr(mlops.outputs.os, "access", lambda path, mode: False)
+    code, text = invoke(cli, trained_synth, str(scan), "-o", str(out))
+    assert code == 1 and "permission denied" in text and "Traceback" not in text, text
+    monkeypatch.undo()
+
+    def full(img: object, path: Path) -> None:
+        Path(path).write_bytes(b"half")  # what a full disk leaves: part of the file
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(mlops.predict.nib, "save", full)
+    code, text = invoke(cli, trained_synth, str(scan), "-o", str(out))
+    monkeypatch.undo()
+    assert code == 1 and "No space left on device" in text and "Traceback" not in text, text
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_urls_and_paths_with_equals_signs_are_inputs_not_overrides() -> None:
+    """Was: `gs://bucket/run=1/` (a partitioned cohort) was taken as a Hydra override: batch said 'missing SOURCE'."""
+    from mlops.cli.common import split_args
+
+    for arg in ("gs://bucket/run=1/", "data/run=2/a.nii.gz", "memory://x/y=z"):
+        assert split_args([arg, "train.epochs=5"]) == ([arg], ["train.epochs=5"]), arg
+    assert split_args(["predict.tta=false"]) == ([], ["predict.tta=false"])
 
 
 def test_reports_and_stamps_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,6 +73,28 @@ def test_upload_names_never_reach_the_log(guarded: tuple[str, list[str]], synth_
     assert not [line for line in lines if PATIENT in line or "FORGED-NAME" in line]
 
 
+def test_a_failed_prediction_logs_no_upload_name(
+    guarded: tuple[str, list[str]], synth_task: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the 500 path logged the error's text with the upload's name masked by an exact string match only. Now a
+    500 logs the request id and the error's type; the client still gets the message."""
+    import mlops.api
+    from mlops.errors import PipelineError
+
+    url, lines = guarded
+
+    def broken(segmenter: object, raw: bytes, name: str, *args: object, **kwargs: object) -> None:
+        raise PipelineError(f"{name.upper()} could not be decoded")  # the name, altered: no exact match to mask
+
+    monkeypatch.setattr(mlops.api, "decode_case", broken)
+    body = (synth_task / "imagesTs" / "synth_008.nii.gz").read_bytes()
+    resp = httpx.post(f"{url}/predict", files={"file": (f"{PATIENT}.nii.gz", body)},
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)  # fmt: skip
+    assert resp.status_code == 500 and PATIENT.upper() in resp.json()["detail"]
+    assert any("prediction failed (PipelineError)" in line for line in lines)
+    assert not [line for line in lines if PATIENT.upper() in line or PATIENT in line]
+
+
 def test_token_scheme_is_case_insensitive_and_ready_is_public_without_paths(guarded: tuple[str, list[str]]) -> None:
     """RFC 7235: 'bearer' is 'Bearer'. /ready stays open to probes but names the model folder, not its path."""
     url, _ = guarded

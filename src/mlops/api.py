@@ -250,16 +250,15 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         summary="Segment a series in the configured PACS and store its SEG there (DICOMweb)",
         responses={
             200: {"description": "The SEG's identity, where it was stored, label volumes and timing"},
-            404: {"description": "The PACS has no such series"},
+            404: {"description": "The PACS has no such series, or no PACS is configured (dicom.url)"},
             422: {"description": "A series the model cannot segment (see POST /predict)"},
-            501: {"description": "No PACS configured (dicom.url / MLOPS_DICOMWEB_URL)"},
             502: {"description": "The PACS could not be reached or refused the request"},
         },
     )
     async def dicomweb_segment(request: Request, body: SeriesRequest) -> JSONResponse:
         root = cfg.dicom.get("url")
         if not root:
-            raise HTTPException(501, "no PACS configured: set dicom.url (MLOPS_DICOMWEB_URL) to its DICOMweb root")
+            raise HTTPException(404, "no PACS configured: set dicom.url (MLOPS_DICOMWEB_URL) to its DICOMweb root")
         ref = web.SeriesRef(str(root).rstrip("/"), body.study, body.series)
         state = request.app.state
 
@@ -421,4 +420,4 @@ def fetch_model(cfg: DictConfig) -> Path:
     """Copy the model folder at ``serve.model_uri`` (``gs://...`` or any fsspec URL) to ``serve.model_cache``."""
     from mlops.inference.fetch import fetch_model as fetch
 
-    return fetch(str(cfg.serve.model_uri), Path(cfg.serve.model_cache))
+    return fetch(str(cfg.serve.model_uri), Path(cfg.serve.model_cache), float(cfg.serve.model_fetch_timeout_s))

@@ -131,6 +131,7 @@ class Serve(_Section):
     max_connections: int = PositiveInt
     model_uri: str | None = None
     model_cache: str
+    model_fetch_timeout_s: float = Field(default=30, gt=0)
     record_stats: bool
     cors_origins: list[str] = []
     api_token: str | None = Field(default=None, repr=False)

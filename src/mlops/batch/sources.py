@@ -1,4 +1,5 @@
-"""What a batch run segments: every NIfTI under a folder or fsspec prefix, or the rows of a CSV/Parquet manifest.
+"""What a batch run segments: every NIfTI (or zipped DICOM series) under a folder or fsspec prefix, or the rows of a
+CSV/Parquet manifest.
 
 Inputs and outputs are fsspec URLs (a plain path is a local one), so the same run reads ``gs://`` on a cluster and a
 folder on a laptop. Case ids name the outputs (nnU-Net's convention: ``case_0000.nii.gz`` -> ``case.nii.gz``) and
@@ -17,6 +18,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mlops.deadline import call_within
+from mlops.dicom.series import is_zip_name
 from mlops.errors import DatasetError
 from mlops.outputs import is_within, real, safe_case_id, same_or_inside
 from mlops.volumes import is_nifti_name, output_name
@@ -51,7 +53,11 @@ def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def case_id(name: str) -> str:
-    """nnU-Net's case id of an image file name or URL (``gs://b/case_0000.nii.gz`` -> ``case``)."""
+    """nnU-Net's case id of an image file name or URL (``gs://b/case_0000.nii.gz`` -> ``case``); a zipped DICOM
+    series is named by its archive (``gs://b/series7.zip`` -> ``series7``)."""
+    base = posixpath.basename(name)
+    if is_zip_name(base):
+        return base[:-4]
     return output_name(Path(name)).removesuffix(".nii.gz")
 
 
@@ -95,7 +101,7 @@ def list_cases(
             f"  - {shown}\nGive each row a unique id in a '{case_column}' column of a manifest."
         )
     if not cases:
-        raise DatasetError(f"{source}: nothing to segment (no .nii or .nii.gz files, or an empty manifest)")
+        raise DatasetError(f"{source}: nothing to segment (no .nii, .nii.gz or .zip files, or an empty manifest)")
     inputs = {_identity(c.input) for c in cases if c.input}
     overwritten = [c for c in cases if _identity(c.output) in inputs]
     if overwritten:
@@ -138,7 +144,7 @@ def _folder(source: str, dest: str) -> list[tuple[str, str, str, str | None]]:
         e["name"]
         for e in entries
         if (e.get("type") == "file" or (e.get("islink") and fs.isfile(e["name"])))  # fsspec: a symlink is "other"
-        and is_nifti_name(posixpath.basename(e["name"]))
+        and (is_nifti_name(posixpath.basename(e["name"])) or is_zip_name(posixpath.basename(e["name"])))
         and not posixpath.basename(e["name"]).startswith(".")
     )
     return [(case_id(f), case_id(f), url_of(fs, f), None) for f in files]

@@ -21,6 +21,7 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from mlops.batch import sink
+from mlops.dicom.series import is_zip_name, part10, read_zip
 from mlops.errors import MlopsError
 from mlops.volumes import to_gzip_bytes
 
@@ -80,6 +81,9 @@ class SegmentActor:
         self.names = [name for value, name in sorted(self.segmenter.labels.items()) if value != 0]
         self.member_mib = float(cfg.monitor.max_member_mib)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.cfg = cfg
+        self.max_files = int(cfg.dicom.max_files)
+        self.max_unzipped = int(float(cfg.dicom.max_unzipped_mib) * 2**20)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [self._one({k: v[i] for k, v in batch.items()}) for i in range(len(batch["case"]))]
@@ -91,6 +95,7 @@ class SegmentActor:
             "subject": str(item["subject"]),
             "input": str(item["input"]),
             "output": str(item["output"]) if status != "failed" else None,
+            "seg": None,  # a zipped DICOM series: its DICOM SEG, beside the NIfTI
             "status": status,
             "error": None,
             "shape": None,
@@ -124,9 +129,22 @@ class SegmentActor:
             return self._from_record(item, "ok", mine)
         t0 = time.perf_counter()
         name = str(item["input"])
+        seg_url = None
         try:
-            case = self.pipeline.decode_case(self.segmenter, bytes(item["data"]), name, self.max_voxels, self.budget)
+            if is_zip_name(name):  # a DICOM series: its SEG too, as `mlops predict -t both` writes it
+                series = read_zip(bytes(item["data"]), name, None, self.max_voxels, self.budget, self.max_files,
+                                  self.max_unzipped)  # fmt: skip
+                case = self.pipeline.open_case(self.segmenter, series.image, name, self.budget)
+            else:
+                series = None
+                case = self.pipeline.decode_case(
+                    self.segmenter, bytes(item["data"]), name, self.max_voxels, self.budget
+                )
             result = self.pipeline.segment_case(self.segmenter, case, self.tta, None, self.member_mib)
+            if series is not None:
+                seg_url = str(item["output"]).removesuffix(".nii.gz") + ".dcm"
+                seg = self.pipeline.seg_for(self.segmenter, series, result.labels, self.cfg)
+                sink.write_bytes(seg_url, part10(seg))
             sink.write_bytes(str(item["output"]), to_gzip_bytes(result.image))
         except MlopsError as exc:
             logger.warning(str(exc))
@@ -143,6 +161,7 @@ class SegmentActor:
             **{f"{n}_mm3": float(v) for n, v in result.volumes.items()},
             **{k: float("nan") if v is None else float(v) for k, v in signals.items()},
             seconds=round(time.perf_counter() - t0, 3),
+            seg=seg_url,
         )
         sink.write_record(str(item["record"]), row)  # after the output: a record means the output is whole
         return row
