@@ -99,7 +99,9 @@ def tile_coverage(seg: Segmenter, prepared: torch.Tensor) -> tuple[int, torch.Te
     return len(corners), weights[revert[1:]]
 
 
-@pytest.mark.parametrize("tta", [True, False], ids=["mirroring", "no-mirroring"])
+# Mirroring on the many-tile case is the default tier's longest test (70-86 s): it runs in the slow tier, where the
+# real-scan parity also mirrors; the default tier keeps the many-tile case without mirroring.
+@pytest.mark.parametrize("tta", [pytest.param(True, marks=pytest.mark.slow), False], ids=["mirroring", "no-mirroring"])
 def test_fp32_torch_gives_nnunet_labels(
     trained_synth: TrainedModel, expected: Callable, synth_cases: list, tta: bool
 ) -> None:

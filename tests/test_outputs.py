@@ -117,27 +117,24 @@ def test_manifest_case_ids_are_single_safe_names(tmp_path: Path, scan: Path, cas
 
 
 def test_plain_nii_output_is_uncompressed_and_paths_with_equals_work(
-    trained_synth: TrainedModel, scan: Path, tmp_path: Path
+    cli: CliRunner, trained_synth: TrainedModel, scan: Path, tmp_path: Path
 ) -> None:
     """Was: -o out.nii got gzip bytes (nibabel could not open it); a=b.nii.gz was taken as a Hydra override."""
     folder = tmp_path / "run=1"
     folder.mkdir()
     odd = folder / "a=b.nii.gz"
     shutil.copy(scan, odd)
-    env = trained_synth.workspace.env()
     plain, packed = tmp_path / "out.nii", tmp_path / "out.nii.gz"
     for output in (plain, packed):
-        proc = run_mlops("predict", str(odd), "-o", str(output), f"predict.model_dir={trained_synth.model_dir}",
-                         "predict.tta=false", env=env)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        code, out = invoke(cli, trained_synth, str(odd), "-o", str(output))
+        assert code == 0, out
     assert plain.read_bytes()[:2] != b"\x1f\x8b" and packed.read_bytes()[:2] == b"\x1f\x8b"
     assert gzip.decompress(packed.read_bytes())[:4] == plain.read_bytes()[:4]
     a, b = nib.load(plain), nib.load(packed)
     np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
     np.testing.assert_array_equal(a.affine, nib.load(scan).affine)
-    proc = run_mlops("predict", str(folder), f"predict.model_dir={trained_synth.model_dir}", "predict.tta=false",
-                     env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, out = invoke(cli, trained_synth, str(folder))
+    assert code == 0, out
     assert (tmp_path / "run=1_seg" / "a=b.nii.gz").is_file()
 
 

@@ -224,8 +224,9 @@ def overlay_pixels(
 
 
 def check_page(url: str, scan: Path, tmp: Path) -> dict:
-    """Open the page, give the token, upload ``scan`` through the file input, wait for the result; screenshots."""
-    with Browser(tmp / "profile") as b:
+    """Open the page at 1400x1000 (where the axial pane used to be cut off), give the token, upload ``scan`` through
+    the file input, wait for the result; screenshots."""
+    with Browser(tmp / "profile", width=1400, height=1000) as b:
         b.goto(f"{url}/")
         b.wait_for("document.body.dataset.state === 'error'", 30)  # no token yet: the page asks for it
         assert "access token" in b.evaluate("document.getElementById('error').textContent")
@@ -296,6 +297,8 @@ def assert_page(result: dict, seg: np.ndarray, api_volumes: dict[str, float]) ->
     # A 2 x 2 grid keeps every pane whole at any window shape (the axial pane was cut at 1400x1000); a hairline
     # crosshair in mm (NiiVue's default, 1 voxel, drew 12 px white bars over a small scan).
     assert result["viewer_opts"] == [2, "mm", 0.25], result["viewer_opts"]
+    left, top, right, bottom = result["canvas"]
+    assert 0 <= left < right <= 1400 and 0 <= top < bottom <= 1000, result["canvas"]  # the viewer fits the window
     assert result["volumes"] == api_volumes  # the DOM shows the API's numbers
     assert result["shown_ml"] == [f"{v / 1000:.3f}" for v in api_volumes.values()]
     assert result["download"][0].endswith("_seg.nii.gz") and result["download"][1].startswith("blob:")

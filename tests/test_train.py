@@ -268,6 +268,7 @@ def test_training_on_gpu(private_synth: Workspace) -> None:
     assert "Device: cuda" in proc.stderr
 
 
+@pytest.mark.slow  # three training runs (53 s); the default tier keeps test_resume_continues_epochs_and_logs
 def test_resume_picks_the_interrupted_run_not_an_older_final(private_synth: Workspace) -> None:
     """Issue 8 repro: a finished run, then a new longer run over it interrupted by SIGTERM, then --continue."""
     fast = ["dataset.id=500", "train=quick", "train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1"]
