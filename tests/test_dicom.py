@@ -90,6 +90,7 @@ def assert_seg_matches(seg_file: Path, series_dir: Path, expected: np.ndarray, e
     series = read_folder(series_dir)
     assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == series.series_uid
     assert str(seg.FrameOfReferenceUID) == str(series.datasets[0].FrameOfReferenceUID)
+    assert seg.SeriesDate and seg.SeriesNumber == 900  # a PACS lists it in the study beside its source series
     labels = read_labels(seg, series)
     np.testing.assert_allclose(series.image.affine, expected_affine, atol=1e-4)
     assert np.array_equal(labels, expected), f"{int((labels != expected).sum())} voxels differ"

@@ -147,9 +147,9 @@ def predict_dicom(
     table.add_row(*(f"{v:.1f}" for v in r.volumes_mm3.values()), f"{sum(r.seconds.values()):.2f}")
     common.out.print(table)
     for path in r.outputs:
-        common.out.print(f"Written: {path}")
+        common.out.print(f"Written: {path}", soft_wrap=True, highlight=False)
     if r.stored:
-        common.out.print(f"Stored: {r.stored}")
+        common.out.print(f"Stored: {r.stored}", soft_wrap=True, highlight=False)  # a URL to copy: never folded
 
 
 @app.command()

@@ -103,6 +103,8 @@ def segmentation(
         content_label="SEGMENTATION",
         content_description=f"nnU-Net segmentation of series {first.get('SeriesNumber', '')}".strip()[:64],
     )
+    # Optional in DICOM, but PACS viewers list a study's series by these (Orthanc files a series without them under ?)
+    seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime
     return seg
 
 
