@@ -205,7 +205,7 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
             raise HTTPException(422, "no upload: send the volume as multipart form field 'file' (or 'image')")
         accept = request.headers.get("accept", "")
         as_json = wants_json(format, accept)
-        as_seg = format == "dicom-seg" or (format is None and "application/dicom" in accept.lower())
+        as_seg = not as_json and (format == "dicom-seg" or (format is None and "application/dicom" in accept.lower()))
         name = upload.filename or "upload"
         try:
             dicom = is_zip_name(name)
