@@ -118,7 +118,9 @@ def main() -> None:
             rows["nifti"].append(t_nifti)
             rows["dicom"].append(t_dicom)
             rows["pacs"].append(t_pacs)
-            print(f"{scan.name}: nifti {t_nifti:.3f} s, dicom {t_dicom:.3f} s, pacs {t_pacs:.3f} s, labels equal {same}")
+            print(
+                f"{scan.name}: nifti {t_nifti:.3f} s, dicom {t_dicom:.3f} s, pacs {t_pacs:.3f} s, labels equal {same}"
+            )
     finally:
         if orthanc is not None:
             orthanc.terminate()
