@@ -373,3 +373,46 @@ def test_batch_segments_zipped_series_with_their_seg(
     assert out["seg"] == [None, str(seg_file), None]
     img = nib.load(tmp_path / "out" / "study7.nii.gz")
     assert_seg_matches(seg_file, series_dir, np.asanyarray(img.dataobj), img.affine)
+
+
+@pytest.mark.usefixtures("chromium")
+def test_page_opens_a_pacs_series_and_stores_its_seg(
+    dicom_server: str, orthanc: Orthanc, synth_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page (headless Chromium, every host but 127.0.0.1 blocked) offers the PACS when one is configured: a
+    series opened by its UIDs is shown and segmented (volumes as the API's SEG route gives them), and stored back as
+    a SEG that Orthanc then lists in the study."""
+    from .browser import Browser
+
+    for key, value in orthanc.env().items():
+        monkeypatch.setenv(key, value)
+    datasets = series_from_nifti(nib.load(synth_task / "imagesTs" / CASE))
+    web.store(orthanc.dicomweb, datasets)
+    study, series = str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
+    expected = httpx.post(f"{dicom_server}/dicomweb/segment", json={"study": study, "series": series, "store": False},
+                          timeout=120).json()["volumes_mm3"]  # fmt: skip
+    volume = httpx.get(f"{dicom_server}/dicomweb/studies/{study}/series/{series}/volume", timeout=120)
+    assert volume.status_code == 200 and volume.headers["content-type"] == "application/gzip"
+    assert httpx.get(f"{dicom_server}/dicomweb/studies/{study}/series/1.2.3/volume", timeout=60).status_code == 404
+    with Browser(tmp_path / "profile") as b:
+        b.goto(f"{dicom_server}/")
+        b.wait_for("document.body.dataset.state === 'idle'", 60)
+        assert b.evaluate("!document.getElementById('pacs-box').hidden")
+        b.evaluate(f"document.getElementById('pacs-study').value = {json.dumps(study)};"
+                   f"document.getElementById('pacs-series').value = {json.dumps(series)};"
+                   "document.getElementById('pacs-open').click()")  # fmt: skip
+        finished = "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"
+        assert b.wait_for(finished, 180) == "done", b.evaluate("document.getElementById('error').textContent")
+        volumes = b.evaluate(
+            "Object.fromEntries([...document.querySelectorAll('#volumes tbody tr')]"
+            ".map(r => [r.dataset.label, Number(r.dataset.mm3)]))"
+        )
+        b.evaluate("document.getElementById('pacs-store').click()")
+        stored = b.wait_for("(p => !p.hidden && p.textContent)(document.getElementById('pacs-stored'))", 180)
+        b.screenshot(tmp_path / "page_pacs.png")
+        outside = [u for u in b.requested_urls() if not u.startswith(("http://127.0.0.1:", "blob:", "data:"))]
+        errors = b.console_errors()
+    assert volumes == pytest.approx(expected, abs=1e-3), (volumes, expected)
+    segs = [s["0020000E"]["Value"][0] for s in web.find_series(orthanc.dicomweb, study, "SEG")]
+    assert len(segs) == 1 and segs[0] in stored, stored
+    assert not outside and not errors, (outside, errors)

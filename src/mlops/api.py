@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from loguru import logger
 from omegaconf import DictConfig
@@ -31,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mlops import __version__
 from mlops.dicom import web
-from mlops.dicom.series import assemble, dataset_instances, is_zip_name, part10, read_zip
+from mlops.dicom.series import Series, assemble, dataset_instances, is_zip_name, part10, read_zip
 from mlops.errors import Cancelled, MlopsError
 from mlops.models import model_dir
 from mlops.monitoring.live import LiveMonitor
@@ -245,6 +246,39 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
             },
         )
 
+    @app.get(
+        "/dicomweb/studies/{study}/series/{series}/volume",
+        summary="A series of the configured PACS as the NIfTI volume the model sees (for the page's viewer)",
+        response_class=Response,
+        responses={
+            200: {"content": {"application/gzip": {}}, "description": "The series as .nii.gz (RAS affine, rescaled)"},
+            404: {"description": "The PACS has no such series, or no PACS is configured (dicom.url)"},
+            422: {"description": "A series that is not one regular volume (see POST /predict)"},
+            502: {"description": "The PACS could not be reached or refused the request"},
+        },
+    )
+    async def dicomweb_volume(
+        request: Request,
+        study: str = PathParam(pattern=UID_PATTERN, description="StudyInstanceUID"),
+        series: str = PathParam(pattern=UID_PATTERN, description="SeriesInstanceUID"),
+    ) -> Response:
+        ref = pacs_ref(study, series)
+        state = request.app.state
+
+        def work(cancel: Callable[[], bool]) -> bytes:
+            pulled = _series_from_pacs(state, cfg, ref, max_voxels)
+            return to_gzip_bytes(pulled.image, level=1)
+
+        body, _ = await guarded(request, "reading the series", work)
+        return Response(body, media_type="application/gzip",
+                        headers={"Content-Disposition": f'attachment; filename="{series}.nii.gz"'})  # fmt: skip
+
+    def pacs_ref(study: str, series: str) -> web.SeriesRef:
+        root = cfg.dicom.get("url")
+        if not root:
+            raise HTTPException(404, "no PACS configured: set dicom.url (MLOPS_DICOMWEB_URL) to its DICOMweb root")
+        return web.SeriesRef(str(root).rstrip("/"), study, series)
+
     @app.post(
         "/dicomweb/segment",
         summary="Segment a series in the configured PACS and store its SEG there (DICOMweb)",
@@ -256,10 +290,7 @@ def create_app(cfg: DictConfig, segmenter_factory: Callable[[], Any] | None = No
         },
     )
     async def dicomweb_segment(request: Request, body: SeriesRequest) -> JSONResponse:
-        root = cfg.dicom.get("url")
-        if not root:
-            raise HTTPException(404, "no PACS configured: set dicom.url (MLOPS_DICOMWEB_URL) to its DICOMweb root")
-        ref = web.SeriesRef(str(root).rstrip("/"), body.study, body.series)
+        ref = pacs_ref(body.study, body.series)
         state = request.app.state
 
         def work(cancel: Callable[[], bool]) -> dict[str, Any]:
@@ -325,11 +356,14 @@ class Answer:
     signals: dict[str, Any]
 
 
+UID_PATTERN = r"^[0-9][0-9.]{0,63}$"  # a DICOM UID: digits and dots, at most 64 characters
+
+
 class SeriesRequest(BaseModel):
     """A series in the configured PACS, by its study and series UIDs."""
 
-    study: str = Field(pattern=r"^[0-9][0-9.]{0,63}$", description="StudyInstanceUID")
-    series: str = Field(pattern=r"^[0-9][0-9.]{0,63}$", description="SeriesInstanceUID")
+    study: str = Field(pattern=UID_PATTERN, description="StudyInstanceUID")
+    series: str = Field(pattern=UID_PATTERN, description="SeriesInstanceUID")
     store: bool = Field(True, description="Store the SEG back to the PACS (STOW-RS)")
     tta: bool | None = Field(None, description="Mirroring test-time augmentation (default: predict.tta)")
 
@@ -373,6 +407,13 @@ def _segment(
     return Answer(body, result.volumes, result.signals)
 
 
+def _series_from_pacs(state: Any, cfg: DictConfig, ref: web.SeriesRef, max_voxels: int) -> Series:
+    """A series retrieved (WADO-RS) and checked within the service's limits."""
+    datasets = web.retrieve_series(ref, int(cfg.dicom.max_files), float(cfg.dicom.timeout_s))
+    name = f"series {ref.series}"
+    return assemble(dataset_instances(datasets, name), name, ref.series, max_voxels, state.budget)
+
+
 def _segment_from_pacs(
     state: Any,
     cfg: DictConfig,
@@ -386,10 +427,7 @@ def _segment_from_pacs(
     segmenter, timeout = state.segmenter, float(cfg.dicom.timeout_s)
     seconds = {}
     t0 = time.perf_counter()
-    datasets = web.retrieve_series(ref, int(cfg.dicom.max_files), timeout)
-    series = assemble(dataset_instances(datasets, f"series {ref.series}"), f"series {ref.series}", ref.series,
-                      max_voxels, state.budget)  # fmt: skip
-    del datasets
+    series = _series_from_pacs(state, cfg, ref, max_voxels)
     seconds["retrieve"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     case = open_case(segmenter, series.image, series.name, state.budget, cancel=cancel)

@@ -43,7 +43,8 @@ def install(app: FastAPI, cfg: DictConfig) -> None:
         "Dice if known, mlops and nnU-Net versions, device and backend.",
     )
     async def info(request: Request) -> dict:
-        return model_info(request.app.state.segmenter)
+        # pacs: whether the page may offer to open a series from the configured PACS (dicom.url; never its address)
+        return {**model_info(request.app.state.segmenter), "pacs": bool(cfg.get("dicom", {}).get("url"))}
 
     token = cfg.serve.get("api_token") or None
     if token:

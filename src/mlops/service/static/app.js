@@ -78,6 +78,7 @@ async function loadInfo() {
   const warnings = info.warnings || [];
   $("model-warning").textContent = warnings.map((w) => `Warning: ${w}`).join("\n");
   $("model-warning").hidden = warnings.length === 0;
+  $("pacs-box").hidden = !info.pacs;
   const legend = $("legend");
   legend.replaceChildren();
   for (const [id, name] of Object.entries(info.labels)) {
@@ -243,9 +244,62 @@ function showResult(result) {
   $("result").hidden = false;
 }
 
-async function handleFile(file) {
+const UID = /^[0-9][0-9.]{0,63}$/;
+
+/** A series of the service's PACS: fetched as the NIfTI volume the model sees, then shown and segmented like a
+ * chosen file; the SEG can then be stored back (POST /dicomweb/segment). */
+async function openFromPacs() {
+  const study = $("pacs-study").value.trim();
+  const series = $("pacs-series").value.trim();
+  clearError();
+  if (!UID.test(study) || !UID.test(series)) {
+    showError("A StudyInstanceUID and a SeriesInstanceUID are digits and dots (at most 64 characters).");
+    return;
+  }
+  setState("uploading");
+  setStatus("Reading the series from the PACS…", null);
+  try {
+    if (!state.info) await loadInfo();
+    const resp = await fetch(`dicomweb/studies/${study}/series/${series}/volume`, { headers: authHeaders() });
+    if (!resp.ok) throw new ApiError(resp.status, await detailOf(resp.status, resp.statusText, resp));
+    state.pacsSeries = { study, series };
+    await handleFile(new File([await resp.blob()], `${series}.nii.gz`), true);
+  } catch (err) {
+    setStatus("");
+    showError(explain(err));
+  }
+}
+
+async function storeSeg() {
+  const { study, series } = state.pacsSeries || {};
+  if (!study) return;
+  $("pacs-store").disabled = true;
+  setStatus("Segmenting and storing the DICOM SEG in the PACS…", null);
+  try {
+    const resp = await fetch("dicomweb/segment", {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+      body: JSON.stringify({ study, series, store: true }),
+    });
+    if (!resp.ok) throw new ApiError(resp.status, await detailOf(resp.status, resp.statusText, resp));
+    const body = await resp.json();
+    $("pacs-stored").textContent = `Stored: SEG series ${body.seg_series} in study ${body.study}.`;
+    $("pacs-stored").hidden = false;
+    setStatus("Stored in the PACS.");
+  } catch (err) {
+    setStatus("");
+    showError(explain(err));
+  } finally {
+    $("pacs-store").disabled = false;
+  }
+}
+
+async function handleFile(file, fromPacs = false) {
   clearError();
   $("result").hidden = true;
+  $("pacs-stored").hidden = true;
+  $("pacs-store").hidden = !fromPacs;
+  if (!fromPacs) state.pacsSeries = null;
   if (!/\.nii(\.gz)?$/i.test(file.name)) {
     showError(`${file.name}: expected a .nii or .nii.gz file`);
     return;
@@ -282,6 +336,8 @@ function wire() {
     $("opacity-value").textContent = `${e.target.value}%`;
     if (state.nv && state.seg) state.nv.setOpacity(state.nv.volumes.indexOf(state.seg), Number(e.target.value) / 100);
   });
+  $("pacs-open").addEventListener("click", openFromPacs);
+  $("pacs-store").addEventListener("click", storeSeg);
   $("token-save").addEventListener("click", async () => {
     state.token = $("token").value.trim();
     sessionStorage.setItem("mlops-token", state.token);
