@@ -78,7 +78,7 @@ def test_a_failed_prediction_logs_no_upload_name(
 ) -> None:
     """Was: the 500 path logged the error's text with the upload's name masked by an exact string match only. Now a
     500 logs the request id and the error's type; the client still gets the message."""
-    import mlops.api
+    import mlops.pipeline
     from mlops.errors import PipelineError
 
     url, lines = guarded
@@ -86,7 +86,7 @@ def test_a_failed_prediction_logs_no_upload_name(
     def broken(segmenter: object, raw: bytes, name: str, *args: object, **kwargs: object) -> None:
         raise PipelineError(f"{name.upper()} could not be decoded")  # the name, altered: no exact match to mask
 
-    monkeypatch.setattr(mlops.api, "decode_case", broken)
+    monkeypatch.setattr(mlops.pipeline, "decode_case", broken)
     body = (synth_task / "imagesTs" / "synth_008.nii.gz").read_bytes()
     resp = httpx.post(f"{url}/predict", files={"file": (f"{PATIENT}.nii.gz", body)},
                       headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)  # fmt: skip

@@ -32,13 +32,13 @@ from starlette.concurrency import run_in_threadpool
 
 from mlops import __version__
 from mlops.dicom import web
-from mlops.dicom.series import Series, assemble, dataset_instances, is_zip_name, part10, read_zip
+from mlops.dicom.series import Limits, Series, assemble, dataset_instances, is_zip_name, part10, zip_stem
 from mlops.errors import Cancelled, MlopsError
 from mlops.models import model_dir
 from mlops.monitoring.live import LiveMonitor
 from mlops.monitoring.report import render as render_report
 from mlops.monitoring.signals import SIGNAL_COLUMNS
-from mlops.pipeline import case_statistics, decode_case, load_segmenter, open_case, seg_for, segment_case
+from mlops.pipeline import case_statistics, decode_upload, load_segmenter, open_case, seg_for, segment_case
 from mlops.service import install as install_service
 from mlops.service.limits import Drain, Guard, Slots
 from mlops.service.metrics import Metrics
@@ -47,8 +47,7 @@ from mlops.volumes import Budget, InputError, ModelGrid, is_nifti_name, label_na
 
 
 def _safe_stem(filename: str | None) -> str:
-    name = strip_suffix(Path(filename or "upload").name)
-    name = name[:-4] if name.lower().endswith(".zip") else name
+    name = zip_stem(strip_suffix(Path(filename or "upload").name))
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "upload"
 
 
@@ -389,15 +388,11 @@ def _segment(
     series_uid: str | None = None,
 ) -> Answer:
     """An upload segmented: a NIfTI (decoded in memory) or a zipped DICOM series; the answer as NIfTI or SEG."""
-    segmenter, limits = state.segmenter, state.budget
-    if is_zip_name(name):
-        max_unzipped = int(float(cfg.dicom.max_unzipped_mib) * 2**20)
-        series = read_zip(raw, name, series_uid, max_voxels, limits, int(cfg.dicom.max_files), max_unzipped)
-        del raw
-        case = open_case(segmenter, series.image, name, limits, cancel=cancel)
-    else:
-        series, case = None, decode_case(segmenter, raw, name, max_voxels, limits, cancel)
-        del raw
+    segmenter = state.segmenter
+    case, series = decode_upload(
+        segmenter, raw, name, max_voxels, state.budget, cancel, Limits.of(cfg.dicom), series_uid
+    )
+    del raw
     result = segment_case(segmenter, case, tta, cancel, state.monitor.max_member_mib)
     _record(state, case, result.signals)
     if as_seg and series is not None:
@@ -409,7 +404,7 @@ def _segment(
 
 def _series_from_pacs(state: Any, cfg: DictConfig, ref: web.SeriesRef, max_voxels: int) -> Series:
     """A series retrieved (WADO-RS) and checked within the service's limits."""
-    datasets = web.retrieve_series(ref, int(cfg.dicom.max_files), float(cfg.dicom.timeout_s))
+    datasets = web.retrieve_series(ref, Limits.of(cfg.dicom).max_files, float(cfg.dicom.timeout_s))
     name = f"series {ref.series}"
     return assemble(dataset_instances(datasets, name), name, ref.series, max_voxels, state.budget)
 
@@ -438,9 +433,8 @@ def _segment_from_pacs(
     stored = None
     if store:
         t0 = time.perf_counter()
-        web.store(ref.root, [seg], timeout)
+        stored = web.store_seg(ref, seg, timeout)
         seconds["store"] = time.perf_counter() - t0
-        stored = web.SeriesRef(ref.root, ref.study, str(seg.SeriesInstanceUID)).url
     return {
         "study": ref.study,
         "series": ref.series,

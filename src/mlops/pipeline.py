@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from mlops import nnunet
 from mlops.datasets import inventory
 from mlops.dicom.seg import segmentation
-from mlops.dicom.series import Series
+from mlops.dicom.series import Limits, Series, is_zip_name, read_zip
 from mlops.errors import Cancelled, PipelineError
 from mlops.evaluate import model_validation_warnings
 from mlops.inference import Segmenter
@@ -137,6 +137,26 @@ def decode_case(
     """An upload's or a cohort file's bytes: decoded (header first, within the limits), checked, preprocessed."""
     t0 = time.perf_counter()
     return open_case(segmenter, decode_nifti(raw, name, max_voxels, budget), name, budget, cancel=cancel, started=t0)
+
+
+def decode_upload(
+    segmenter: Segmenter,
+    raw: bytes,
+    name: str,
+    max_voxels: int | None,
+    budget: Budget | None = None,
+    cancel: Callable[[], bool] | None = None,
+    limits: Limits | None = None,
+    series_uid: str | None = None,
+) -> tuple[Case, Series | None]:
+    """An upload's or a cohort file's bytes: a NIfTI (:func:`decode_case`), or a zipped DICOM series, whose
+    :class:`Series` comes back too (its SEG references it)."""
+    if not is_zip_name(name):
+        return decode_case(segmenter, raw, name, max_voxels, budget, cancel), None
+    t0 = time.perf_counter()
+    limits = limits or Limits()
+    series = read_zip(raw, name, series_uid, max_voxels, budget, limits.max_files, limits.max_unzipped_bytes)
+    return open_case(segmenter, series.image, name, budget, cancel=cancel, started=t0), series
 
 
 def load_channels(files: list[Path], max_voxels: int | None) -> tuple[nib.Nifti1Image, np.ndarray]:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from mlops.dicom import web
 from mlops.dicom.series import (
     Instance,
+    Limits,
     assemble,
     dataset_instances,
     folder_instances,
@@ -25,6 +26,7 @@ from mlops.dicom.series import (
     is_zip_name,
     part10,
     zip_instances,
+    zip_stem,
 )
 from mlops.files import write_atomic
 from mlops.models import model_dir
@@ -70,17 +72,17 @@ def is_dicom_source(text: str, max_files: int = 4000) -> bool:
 def find_instances(cfg: DictConfig, source: str, series_uid: str | None) -> tuple[list[Instance], str | None]:
     """The instances at ``source`` (headers; a PACS's series is retrieved whole) and the series asked for. Done before
     the model is loaded, so a wrong path, an unreachable PACS or a bad archive fails in a second."""
-    max_files = int(cfg.dicom.max_files)
+    limits = Limits.of(cfg.dicom)
     if web.is_dicomweb_url(source):
         ref = web.parse_url(source)
         if series_uid is not None and series_uid != ref.series:
             raise InputError(f"--series {series_uid} differs from the URL's series {ref.series}", 400)
-        return dataset_instances(web.retrieve_series(ref, max_files, float(cfg.dicom.timeout_s)), source), ref.series
+        datasets = web.retrieve_series(ref, limits.max_files, float(cfg.dicom.timeout_s))
+        return dataset_instances(datasets, source), ref.series
     path = Path(source)
     if path.is_file():
-        max_bytes = int(float(cfg.dicom.max_unzipped_mib) * 2**20)
-        return zip_instances(path.read_bytes(), str(path), max_files, max_bytes), series_uid
-    return folder_instances(path, max_files), series_uid
+        return zip_instances(path.read_bytes(), str(path), limits.max_files, limits.max_unzipped_bytes), series_uid
+    return folder_instances(path, limits.max_files), series_uid
 
 
 def output_paths(source: str, output: Path | None, output_type: str, series_uid_hint: str | None) -> list[Path]:
@@ -97,7 +99,7 @@ def output_paths(source: str, output: Path | None, output_type: str, series_uid_
         stem, nifti_suffix = Path(f"{series_uid_hint or 'series'}_seg"), ".nii.gz"
     else:
         path = Path(source)
-        stem, nifti_suffix = path.with_name(path.name.removesuffix(".zip").removesuffix(".ZIP") + "_seg"), ".nii.gz"
+        stem, nifti_suffix = path.with_name(zip_stem(path.name) + "_seg"), ".nii.gz"
     kinds = {"dicom-seg": [".dcm"], "nifti": [nifti_suffix], "both": [".dcm", nifti_suffix]}[output_type]
     return [stem.with_name(stem.name + k) for k in kinds]
 
@@ -154,9 +156,8 @@ def predict_series(
     stored = None
     if store and seg is not None and ref is not None:
         t0 = time.perf_counter()
-        web.store(ref.root, [seg], float(cfg.dicom.timeout_s))
+        stored = web.store_seg(ref, seg, float(cfg.dicom.timeout_s))
         seconds["store"] = time.perf_counter() - t0
-        stored = web.SeriesRef(ref.root, ref.study, str(seg.SeriesInstanceUID)).url
         logger.info(f"Stored the SEG in {ref.root} as series {seg.SeriesInstanceUID}")
     return SeriesPrediction(
         source, series.series_uid, targets, result.volumes, tuple(result.labels.shape), seconds,

@@ -18,7 +18,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mlops.deadline import call_within
-from mlops.dicom.series import is_zip_name
+from mlops.dicom.series import is_zip_name, zip_stem
 from mlops.errors import DatasetError
 from mlops.outputs import is_within, real, safe_case_id, same_or_inside
 from mlops.volumes import is_nifti_name, output_name
@@ -57,7 +57,7 @@ def case_id(name: str) -> str:
     series is named by its archive (``gs://b/series7.zip`` -> ``series7``)."""
     base = posixpath.basename(name)
     if is_zip_name(base):
-        return base[:-4]
+        return zip_stem(base)
     return output_name(Path(name)).removesuffix(".nii.gz")
 
 

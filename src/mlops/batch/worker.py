@@ -21,7 +21,7 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from mlops.batch import sink
-from mlops.dicom.series import is_zip_name, part10, read_zip
+from mlops.dicom.series import Limits, part10
 from mlops.errors import MlopsError
 from mlops.volumes import to_gzip_bytes
 
@@ -82,8 +82,7 @@ class SegmentActor:
         self.member_mib = float(cfg.monitor.max_member_mib)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.cfg = cfg
-        self.max_files = int(cfg.dicom.max_files)
-        self.max_unzipped = int(float(cfg.dicom.max_unzipped_mib) * 2**20)
+        self.dicom_limits = Limits.of(cfg.dicom)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [self._one({k: v[i] for k, v in batch.items()}) for i in range(len(batch["case"]))]
@@ -131,15 +130,9 @@ class SegmentActor:
         name = str(item["input"])
         seg_url = None
         try:
-            if is_zip_name(name):  # a DICOM series: its SEG too, as `mlops predict -t both` writes it
-                series = read_zip(bytes(item["data"]), name, None, self.max_voxels, self.budget, self.max_files,
-                                  self.max_unzipped)  # fmt: skip
-                case = self.pipeline.open_case(self.segmenter, series.image, name, self.budget)
-            else:
-                series = None
-                case = self.pipeline.decode_case(
-                    self.segmenter, bytes(item["data"]), name, self.max_voxels, self.budget
-                )
+            case, series = self.pipeline.decode_upload(  # a zipped DICOM series also gets its SEG, as predict -t both
+                self.segmenter, bytes(item["data"]), name, self.max_voxels, self.budget, limits=self.dicom_limits
+            )
             result = self.pipeline.segment_case(self.segmenter, case, self.tta, None, self.member_mib)
             if series is not None:
                 seg_url = str(item["output"]).removesuffix(".nii.gz") + ".dcm"

@@ -48,7 +48,6 @@ def descriptions(
     result, numbers = [], {}
     for number, (value, name) in enumerate(((v, n) for v, n in sorted(labels.items()) if v != 0), start=1):
         concept = dict(DEFAULT_CONCEPT, **((concepts or {}).get(name) or {}))
-        rgb = np.array(colour(value), dtype=np.uint8)
         result.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
@@ -59,7 +58,7 @@ def descriptions(
                 algorithm_identification=algorithm,
                 tracking_uid=generate_uid(),
                 tracking_id=f"{model} label {value}: {name}"[:64],
-                display_color=hd.color.CIELabColor.from_rgb(*(int(c) for c in rgb)),
+                display_color=hd.color.CIELabColor.from_rgb(*colour(value)),
             )
         )
         numbers[int(value)] = number

@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -94,9 +95,10 @@ def folder_instances(folder: Path, max_files: int) -> list[Instance]:
         raise InputError(f"{folder}: {len(files):,} files, above the limit of {max_files:,} (dicom.max_files)", 413)
     found = []
     for path in files:
-        if not is_dicom_file(path):
-            continue
         with path.open("rb") as f:
+            if f.read(132)[128:132] != b"DICM":
+                continue
+            f.seek(0)
             header = _header(f)
         if header is not None:
             found.append(Instance(str(path), header, lambda p=path: pydicom.dcmread(p)))
@@ -366,3 +368,21 @@ def part10(ds: Dataset) -> bytes:
 
 def is_zip_name(name: str) -> bool:
     return name.lower().endswith(DICOM_SUFFIXES)
+
+
+def zip_stem(name: str) -> str:
+    """``study7.zip`` (any letter case) -> ``study7``: what a zipped series' outputs are named after."""
+    return name[:-4] if is_zip_name(name) else name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one series may hold: instances, and a zip's uncompressed bytes (``dicom.max_files``,
+    ``dicom.max_unzipped_mib``)."""
+
+    max_files: int = 10000
+    max_unzipped_bytes: int = 2 << 30
+
+    @classmethod
+    def of(cls, dicom: Any) -> Limits:
+        return cls(int(dicom.max_files), int(float(dicom.max_unzipped_mib) * 2**20))

@@ -109,6 +109,12 @@ def retrieve_series(ref: SeriesRef, max_files: int, timeout_s: float = 60) -> li
         raise _failed(f"retrieving series {ref.series}", ref.root, exc) from None
 
 
+def store_seg(ref: SeriesRef, seg: Dataset, timeout_s: float = 60) -> str:
+    """Store a SEG of the series ``ref`` names (STOW-RS) and return its own series' URL in the same study."""
+    store(ref.root, [seg], timeout_s)
+    return SeriesRef(ref.root, ref.study, str(seg.SeriesInstanceUID)).url
+
+
 def store(root: str, datasets: list[Dataset], timeout_s: float = 60) -> None:
     """Store instances (STOW-RS); a refusal is an error naming the server's reason."""
     files = [pydicom.dcmread(io.BytesIO(part10(ds))) for ds in datasets]  # dicomweb-client writes what it is given:
