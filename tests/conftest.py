@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -203,6 +204,89 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+RAY_CPUS = 2
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # the GCS, 127.0.0.1:PORT
+    token: str  # the head's own token (Ray's token auth), not the user's ~/.ray/auth_token
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a driver joining this head needs in its environment."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """One local Ray for the session's `mlops batch` runs, which join it with ``--address`` as drivers join a real
+    cluster (a Ray start per run cost seconds each). A head process of its own (``ray start --head --block``) with
+    a private token and temp folder: ``ray.init()`` elsewhere on the machine does not pick it up (``auto`` would: an
+    address is always given here). Ray's services listen on every interface whatever the node address (Ray's design;
+    the local Ray each run started before did too): the token refuses other clients. Stopped at the end with every
+    process it started."""
+    exe = Path(sys.executable).parent / "ray"
+    temp = Path(tempfile.mkdtemp(prefix="mlops-ray-", dir="/tmp"))  # Ray's socket paths must stay short
+    head = RayHead(f"127.0.0.1:{free_port()}", os.urandom(16).hex())
+    log = temp / "head.log"
+    cmd = [
+        str(exe), "start", "--head", "--block", f"--port={head.address.rpartition(':')[2]}",
+        "--node-ip-address=127.0.0.1", f"--num-cpus={RAY_CPUS}", "--num-gpus=0", "--include-dashboard=false",
+        "--disable-usage-stats", f"--temp-dir={temp}", f"--object-store-memory={512 * 2**20}",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, **head.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (temp / "ray_current_cluster").is_file():  # written once the head's processes are up
+            assert proc.poll() is None, f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the Ray head did not start in 120 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        yield head
+    finally:
+        stop_group(proc, grace_s=5)  # Ray's head catches SIGTERM and lingers: what is left then is killed
+        for pid in pids(containing=str(temp)):  # anything that left the group
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM a process started in a session of its own and its whole group; SIGKILL what is left after
+    ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    proc.wait(timeout=10)
+
+
+def pids(*, starting: str = "", containing: str = "") -> list[int]:
+    """Processes (not this one) whose command line starts with ``starting`` and contains ``containing``; Ray names its
+    workers ``ray::<what they run>``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith(starting) and containing in cmdline:
+                found.append(int(entry.name))
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -163,6 +163,7 @@ class Monitor(_Section):
 class BatchRay(_Section):
     address: str | None = None
     num_cpus: int | None = Field(default=None, ge=1)
+    connect_timeout_s: float = Field(default=10, gt=0)
 
 
 class Batch(_Section):

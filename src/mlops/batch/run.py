@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ def start_ray(cfg: DictConfig) -> tuple[bool, float]:
         return False, 0.0
     t0 = time.perf_counter()
     address = cfg.batch.ray.address
+    if address:
+        _check_reachable(str(address), float(cfg.batch.ray.get("connect_timeout_s", 10)))
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
     try:
         if address:
@@ -75,6 +78,30 @@ def start_ray(cfg: DictConfig) -> tuple[bool, float]:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise PipelineError(f"cannot start {where} ({type(exc).__name__}: {exc})") from exc
     return True, time.perf_counter() - t0
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """A head that does not answer is an error in seconds: ``ray.init`` retries a silent address for minutes.
+
+    ``HOST:PORT`` (the GCS, default port 6379) and ``ray://HOST[:PORT]`` (Ray Client, default 10001) are checked with
+    one TCP connection; ``auto`` is Ray's own lookup, which fails at once when it finds no cluster.
+    """
+    if address == "auto":
+        return
+    scheme, _, rest = address.rpartition("://")
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not colon:
+        host, port = rest.rstrip("/"), "10001" if scheme == "ray" else "6379"
+    if scheme not in ("", "ray") or not host or not port.isdigit():
+        raise ConfigError(f"batch.ray.address={address!r}: expected auto, HOST:PORT or ray://HOST[:PORT]")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise PipelineError(
+            f"cannot reach the Ray cluster at {address} ({reason} within {timeout_s:g} s; batch.ray.connect_timeout_s)"
+        ) from exc
 
 
 def _model_files(cfg: DictConfig, folder: Path) -> list[Path]:
