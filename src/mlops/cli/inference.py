@@ -169,7 +169,7 @@ def batch(
     folds: str = typer.Option(None, "--folds", help="Comma-separated folds to ensemble, or 'auto' for all trained."),
     no_tta: bool = typer.Option(False, "--no-tta", help="Turn off mirroring test-time augmentation (faster)."),
     actors: int = typer.Option(None, "--actors", help="Segmenter actors (default: batch.actors)."),
-    address: str = typer.Option(None, "--address", help="Ray cluster: auto or ray://host:10001 (batch.ray.address)."),
+    address: str = typer.Option(None, "--address", help="Ray: auto, HOST:PORT, ray://HOST:10001 (batch.ray.address)."),
     force: bool = typer.Option(False, "--force", help="Redo cases already written by the same model."),
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON."),
 ) -> None:
