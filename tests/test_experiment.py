@@ -152,13 +152,18 @@ def test_full_schedule_on_cpu_warns_with_its_duration(prepared_synth: Workspace,
     )  # fmt: skip
     deadline, seen = time.monotonic() + 600, ""  # ends at the warning (seconds); the bound is for a loaded machine
     log = ws.results / "Dataset500_Synthetic" / MODEL / "fold_0" / "mlops_train.log"
-    while time.monotonic() < deadline and proc.poll() is None:
-        seen = log.read_text() if log.is_file() else ""
-        if "on a CPU take about" in seen:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=600)
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen = log.read_text() if log.is_file() else ""
+            if "on a CPU take about" in seen:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=600)
+    finally:  # never leave a 1000-epoch CPU run behind (one outlived a failed run of this test by 80 minutes)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert "1000 epochs x 250 iterations" in stderr and "on a CPU take about" in stderr, stderr[-2000:]
     assert " days here" in stderr and "train=cpu" in stderr
 
