@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -346,6 +347,21 @@ def serve_in_process(overrides: list[str], tmpdir: Path) -> Iterator[str]:
         thread.join(timeout=60)
         tempfile.tempdir = saved
         assert not thread.is_alive(), "the in-process server did not stop within 60 s"
+
+
+@contextmanager
+def mlops_process(*args: str, env: dict[str, str], **popen: Any) -> Iterator[subprocess.Popen]:
+    """The `mlops` console script started in the background (text pipes unless ``popen`` says otherwise); killed on
+    the way out if it still runs, so a failed assertion never leaves a long training run behind."""
+    exe = Path(sys.executable).parent / "mlops"
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    proc = subprocess.Popen([str(exe), *args], env=env, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
 
 
 def run_mlops(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

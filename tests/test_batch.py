@@ -226,18 +226,28 @@ def test_killed_actor_still_writes_every_case_once(
     no_partial_files(dest)
 
 
-def test_unreachable_cluster_is_one_clear_error(trained_synth: TrainedModel, synth_task: Path, tmp_path: Path) -> None:
-    """A head that is not there is one line in seconds (Ray itself retries a silent address for minutes); a
-    malformed address is a config error. Nothing is written."""
+def test_unreachable_cluster_is_one_clear_error(
+    trained_synth: TrainedModel, synth_task: Path, tmp_path: Path, ray_head: RayHead
+) -> None:
+    """A head that is not there is one line in seconds (Ray itself retries a silent address for minutes); a head
+    that refuses the driver (a wrong token) is Ray's own error in one line; a malformed address is a config error.
+    Nothing is written."""
     env = {k: v for k, v in trained_synth.workspace.env().items() if k != "RAY_ADDRESS"}
     source, dest = str(synth_task / "imagesTs"), str(tmp_path / "out")
     nobody = f"127.0.0.1:{free_port()}"
-    for address, code, says in (
-        (nobody, 1, f"cannot reach the Ray cluster at {nobody} (connection refused within 10 s"),
-        (f"ray://{nobody}", 1, f"cannot reach the Ray cluster at ray://{nobody} (connection refused"),
-        ("http://head:8265", 2, "batch.ray.address='http://head:8265': expected auto, HOST:PORT or ray://HOST[:PORT]"),
+    wrong_token = {**ray_head.env, "RAY_AUTH_TOKEN": "0" * 32}
+    for address, extra_env, code, says in (
+        (nobody, {}, 1, f"cannot reach the Ray cluster at {nobody} (connection refused within 10 s"),
+        (f"ray://{nobody}", {}, 1, f"cannot reach the Ray cluster at ray://{nobody} (connection refused"),
+        (ray_head.address, wrong_token, 1, f"cannot start the Ray cluster at {ray_head.address} ("),
+        (
+            "http://head:8265",
+            {},
+            2,
+            "batch.ray.address='http://head:8265': expected auto, HOST:PORT or ray://HOST[:PORT]",
+        ),
     ):
-        proc = run_mlops(*batch_args(trained_synth, source, dest, address), env=env)
+        proc = run_mlops(*batch_args(trained_synth, source, dest, address), env={**env, **extra_env})
         assert proc.returncode == code, proc.stderr[-3000:]
         assert says in proc.stderr
         assert "Traceback" not in proc.stderr

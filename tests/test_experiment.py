@@ -9,7 +9,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from mlops.train import estimate_cpu_seconds
 from mlops.workspace import parse_folds, prepared_dataset
 
 from . import models
-from .conftest import QUICK_TRAIN, TrainedModel, Workspace, run_mlops
+from .conftest import QUICK_TRAIN, TrainedModel, Workspace, mlops_process, run_mlops
 
 MODEL = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 QUICK = [o for o in QUICK_TRAIN if not o.startswith("dataset.")] + ["wandb.mode=disabled"]
@@ -100,20 +99,16 @@ def test_resume_hint_executed_as_printed_resumes_the_run(
     ws = _private(prepared_synth, tmp_path_factory.mktemp("hint"))
     fast = ["train=quick", "train.epochs=3", "train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1"]
     fast += ["train.validate=false", "train.num_workers=0", "wandb.mode=disabled"]
-    exe = Path(sys.executable).parent / "mlops"
-    proc = subprocess.Popen(
-        [str(exe), "train", "--dataset", "Synthetic", "--fold", "2,3", "-D", "cpu", *fast],
-        env=ws.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     fold2 = ws.results / "Dataset500_Synthetic" / MODEL / "fold_2"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (fold2 / "mlops_train.log").is_file() and "Epoch 1/3" in (fold2 / "mlops_train.log").read_text():
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "training ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    with mlops_process("train", "--dataset", "Synthetic", "--fold", "2,3", "-D", "cpu", *fast, env=ws.env()) as proc:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (fold2 / "mlops_train.log").is_file() and "Epoch 1/3" in (fold2 / "mlops_train.log").read_text():
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     (line,) = re.findall(r"Resume with: (.+)", stderr)
     words = shlex.split(line)
@@ -144,15 +139,12 @@ def test_cpu_duration_estimate_of_the_full_schedule(prepared_synth: Workspace, m
 
 def test_full_schedule_on_cpu_warns_with_its_duration(prepared_synth: Workspace, tmp_path: Path) -> None:
     """nnU-Net's default schedule started on the CPU warns with its duration (the run is stopped right after)."""
-    exe = Path(sys.executable).parent / "mlops"
     ws = _private(prepared_synth, tmp_path)
-    proc = subprocess.Popen(
-        [str(exe), "train", "-d", "500", "--fold", "0", "-D", "cpu", "wandb.mode=disabled", "train.num_workers=0"],
-        env=ws.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline, seen = time.monotonic() + 600, ""  # ends at the warning (seconds); the bound is for a loaded machine
-    log = ws.results / "Dataset500_Synthetic" / MODEL / "fold_0" / "mlops_train.log"
-    try:
+    args = ["train", "-d", "500", "--fold", "0", "-D", "cpu", "wandb.mode=disabled", "train.num_workers=0"]
+    # mlops_process kills it whatever happens: a failed run of this test once left the 1000-epoch run going for 80 min
+    with mlops_process(*args, env=ws.env()) as proc:
+        deadline, seen = time.monotonic() + 600, ""  # ends at the warning (seconds); the bound is for a loaded machine
+        log = ws.results / "Dataset500_Synthetic" / MODEL / "fold_0" / "mlops_train.log"
         while time.monotonic() < deadline and proc.poll() is None:
             seen = log.read_text() if log.is_file() else ""
             if "on a CPU take about" in seen:
@@ -160,10 +152,6 @@ def test_full_schedule_on_cpu_warns_with_its_duration(prepared_synth: Workspace,
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=600)
-    finally:  # never leave a 1000-epoch CPU run behind (one outlived a failed run of this test by 80 minutes)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert "1000 epochs x 250 iterations" in stderr and "on a CPU take about" in stderr, stderr[-2000:]
     assert " days here" in stderr and "train=cpu" in stderr
 

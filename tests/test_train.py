@@ -17,7 +17,7 @@ from mlops.cli import app
 from mlops.config import load_config
 
 from . import wandb_records as wb
-from .conftest import TrainedModel, Workspace, run_mlops
+from .conftest import TrainedModel, Workspace, mlops_process, run_mlops
 
 # Measured here: 4 epochs x 10 iterations on the 8-case synthetic task (seeded) reach Dice 0.89 anterior, 0.58
 # posterior, 0.73 foreground mean; an untrained network predicts background or noise (Dice ~0-0.05).
@@ -142,27 +142,20 @@ def test_interrupt_saves_checkpoint_and_says_how_to_resume(
     args = ["train", "--fold", str(fold), "dataset.id=500", "train=quick", "train.epochs=200"]
     args += ["train.iterations_per_epoch=2", "train.val_iterations_per_epoch=1", f"train.num_workers={workers}"]
     args += ["wandb.mode=disabled", "train.device=cpu"]
-    exe = Path(sys.executable).parent / "mlops"
+    folder = private_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / f"fold_{fold}"
     # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. A test run started in the background by a
     # non-interactive shell inherits SIGINT ignored (POSIX), and Python then installs no KeyboardInterrupt: restore it.
-    proc = subprocess.Popen(
-        [str(exe), *args],
-        env=private_synth.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    folder = private_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / f"fold_{fold}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        log = folder / "mlops_train.log"
-        if log.is_file() and "Epoch 2/200" in log.read_text():
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, "training ended before it could be interrupted"
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    with mlops_process(*args, env=private_synth.env(), preexec_fn=restore_sigint) as proc:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            log = folder / "mlops_train.log"
+            if log.is_file() and "Epoch 2/200" in log.read_text():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert f"Resume with: mlops train --dataset Dataset500_Synthetic --fold {fold} train=quick" in stderr
     assert "train.epochs=200 train.iterations_per_epoch=2" in stderr and "--continue" in stderr
@@ -276,18 +269,14 @@ def test_resume_picks_the_interrupted_run_not_an_older_final(private_synth: Work
     folder = private_synth.results / "Dataset500_Synthetic" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_4"
     first = run_mlops("train", "--fold", "4", "train.epochs=1", *fast, env=private_synth.env())
     assert first.returncode == 0, first.stderr[-3000:]
-    exe = Path(sys.executable).parent / "mlops"
-    proc = subprocess.Popen(
-        [str(exe), "train", "--fold", "4", "train.epochs=200", *fast],
-        env=private_synth.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if "Epoch 2/200" in (folder / "mlops_train.log").read_text():
-            break
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    with mlops_process("train", "--fold", "4", "train.epochs=200", *fast, env=private_synth.env()) as proc:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "Epoch 2/200" in (folder / "mlops_train.log").read_text():
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "held an earlier run" in stderr and "previous_runs" in stderr  # says what happened to the old run
     (archived,) = (folder / "previous_runs").iterdir()
