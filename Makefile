@@ -63,7 +63,7 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "Not installed:$$missing (apt-get install$$missing): their tests will skip"; fi
 
-# The default tier (pytest.ini selects `not slow`): 13:23 on 2 cores, measured with the test models cached.
+# The default tier (pytest.ini selects `not slow`): 12:24 on 2 cores, measured with the test models cached.
 test: install system-deps
 	$(BIN)/python -m pytest
 
